@@ -1,1 +1,646 @@
+//! The order service: places orders (checking the user and charging through
+//! the payment service), runs fulfilment, and streams status changes.
 
+mod feed;
+mod store;
+mod watch;
+mod worker;
+
+pub use feed::Feed;
+pub use store::{OrderStore, StoreError, status};
+
+use minimesh_proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
+use minimesh_proto::order::v1::{
+    CancelOrderRequest, CreateOrderRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse,
+    Order, OrderEvent, OrderItem, TrackRequest, WatchOrderRequest,
+};
+use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
+use minimesh_proto::payment::v1::{ChargeRequest, PaymentStatus, RefundRequest};
+use minimesh_proto::user::v1::GetUserRequest;
+use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_runtime::{grpc, page};
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Created, ItemRecord, NewOrder, OrderRecord, Transition};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// Configuration of one order service process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OrderConfig {
+    /// Address of the gRPC (h2c) listener.
+    #[arg(long, env = "MINIMESH_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// SQLite database file; created with its schema when missing.
+    #[arg(long, env = "MINIMESH_DB", default_value = "order.db")]
+    pub db: PathBuf,
+    /// Where UserService is reached (in the mesh: this instance's sidecar outbound listener).
+    #[arg(
+        long,
+        env = "MINIMESH_USER_ADDR",
+        default_value = "http://127.0.0.1:4140"
+    )]
+    pub user_addr: String,
+    /// Where PaymentService is reached (in the mesh: this instance's sidecar outbound listener).
+    #[arg(
+        long,
+        env = "MINIMESH_PAYMENT_ADDR",
+        default_value = "http://127.0.0.1:4140"
+    )]
+    pub payment_addr: String,
+    /// How long a paid order waits before each fulfilment step.
+    #[arg(long, env = "MINIMESH_FULFILMENT_STEP", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub fulfilment_step: Duration,
+    /// Deadline of each call to the user and payment services.
+    #[arg(long, env = "MINIMESH_UPSTREAM_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub upstream_timeout: Duration,
+}
+
+const MAX_ITEMS: usize = 1000;
+const MAX_FIELD_LEN: usize = 128;
+/// A PENDING order untouched this long had its charge interrupted; the worker settles it.
+const STALE_PENDING: Duration = Duration::from_secs(10);
+/// How often each process polls the event log for other replicas' changes.
+const FEED_POLL: Duration = Duration::from_millis(100);
+
+/// The order service's state and business logic, shared by the gRPC API and
+/// the fulfilment worker.
+pub struct Orders {
+    store: OrderStore,
+    feed: Feed,
+    users: UserServiceClient<Channel>,
+    payments: PaymentServiceClient<Channel>,
+    step: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrderServiceError {
+    #[error("opening database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        source: minimesh_runtime::db::DbError,
+    },
+    #[error("starting the change feed: {0}")]
+    Feed(#[from] StoreError),
+    #[error("invalid upstream address {addr:?}: {source}")]
+    Upstream {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error(transparent)]
+    Serve(#[from] grpc::ServeError),
+}
+
+fn upstream(addr: &str, timeout: Duration) -> Result<Channel, OrderServiceError> {
+    let endpoint =
+        Endpoint::from_shared(addr.to_owned()).map_err(|source| OrderServiceError::Upstream {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    Ok(endpoint
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl Orders {
+    pub async fn new(
+        store: OrderStore,
+        config: &OrderConfig,
+    ) -> Result<Arc<Self>, OrderServiceError> {
+        let feed = Feed::start(store.clone(), FEED_POLL).await?;
+        Ok(Arc::new(Self {
+            store,
+            feed,
+            users: UserServiceClient::new(upstream(&config.user_addr, config.upstream_timeout)?),
+            payments: PaymentServiceClient::new(upstream(
+                &config.payment_addr,
+                config.upstream_timeout,
+            )?),
+            step: config.fulfilment_step,
+        }))
+    }
+
+    fn store_status(&self, err: StoreError) -> Status {
+        match err {
+            StoreError::KeyReused(_) => Status::already_exists(err.to_string()),
+            StoreError::Db(err) => {
+                tracing::error!(%err, "order store failed");
+                Status::unavailable("order storage is unavailable, try again")
+            }
+        }
+    }
+
+    async fn check_user(&self, user_id: &str) -> Result<(), Status> {
+        let request = GetUserRequest {
+            id: user_id.to_owned(),
+        };
+        match self.users.clone().get_user(request).await {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == Code::NotFound => Err(Status::failed_precondition(
+                format!("user {user_id} does not exist"),
+            )),
+            Err(status) => Err(Status::unavailable(format!(
+                "cannot check user {user_id}: {}",
+                status.message()
+            ))),
+        }
+    }
+
+    async fn create(&self, req: CreateOrderRequest) -> Result<OrderRecord, Status> {
+        let new = validate_order(req)?;
+        self.check_user(&new.user_id).await?;
+        let order = match self
+            .store
+            .create_pending(new)
+            .await
+            .map_err(|e| self.store_status(e))?
+        {
+            Created::New(order) => {
+                self.feed.nudge();
+                tracing::info!(order_id = %order.id, total_cents = order.total_cents, "order created");
+                order
+            }
+            Created::Existing(order) => order,
+        };
+        if order.status == status::PENDING {
+            // Also taken by retries of an interrupted request: charging is
+            // idempotent per order, so settling twice charges once.
+            return self.settle(order).await;
+        }
+        Ok(order)
+    }
+
+    /// Charges a PENDING order and records the outcome.
+    async fn settle(&self, order: OrderRecord) -> Result<OrderRecord, Status> {
+        let charge = ChargeRequest {
+            order_id: order.id.clone(),
+            user_id: order.user_id.clone(),
+            amount_cents: order.total_cents,
+            currency: order.currency.clone(),
+            idempotency_key: format!("order:{}", order.id),
+        };
+        let payment = match self.payments.clone().charge(charge).await {
+            Ok(response) => response.into_inner(),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::InvalidArgument | Code::AlreadyExists | Code::FailedPrecondition
+                ) =>
+            {
+                let reason = format!("payment refused: {}", status.message());
+                return self
+                    .finish_settlement(&order.id, status::CANCELLED, reason, None)
+                    .await;
+            }
+            Err(status) => {
+                tracing::warn!(order_id = %order.id, code = ?status.code(), message = status.message(), "charge failed; order stays pending");
+                return Err(Status::unavailable(format!(
+                    "payment service unavailable ({}); order {} is pending, retry with the same idempotency_key",
+                    status.message(),
+                    order.id
+                )));
+            }
+        };
+        if payment.status == PaymentStatus::Captured as i32 {
+            let settled = self
+                .finish_settlement(
+                    &order.id,
+                    status::PAID,
+                    String::new(),
+                    Some(payment.id.clone()),
+                )
+                .await?;
+            if settled.status == status::CANCELLED && settled.payment_id != payment.id {
+                // Cancelled while the charge was in flight: give the money back.
+                self.refund(&settled.id, &payment.id).await;
+            }
+            Ok(settled)
+        } else {
+            let reason = format!("payment declined: {}", payment.decline_reason);
+            self.finish_settlement(&order.id, status::CANCELLED, reason, Some(payment.id))
+                .await
+        }
+    }
+
+    async fn finish_settlement(
+        &self,
+        id: &str,
+        to: i32,
+        reason: String,
+        payment_id: Option<String>,
+    ) -> Result<OrderRecord, Status> {
+        let next = (to == status::PAID)
+            .then(|| minimesh_runtime::now_millis() + self.step.as_millis() as i64);
+        let t = Transition {
+            from: status::PENDING,
+            to,
+            reason,
+            payment_id,
+            next_step_at_ms: next,
+            refund_pending: false,
+        };
+        let (order, moved) = self
+            .store
+            .transition(id.to_owned(), t)
+            .await
+            .map_err(|e| self.store_status(e))?
+            .ok_or_else(|| Status::not_found(format!("order {id} not found")))?;
+        if moved {
+            self.feed.nudge();
+            tracing::info!(order_id = %id, status = status::name(order.status), "order settled");
+        }
+        Ok(order)
+    }
+
+    async fn refund(&self, order_id: &str, payment_id: &str) -> bool {
+        let request = RefundRequest {
+            payment_id: payment_id.to_owned(),
+            idempotency_key: format!("refund:{order_id}"),
+        };
+        match self.payments.clone().refund(request).await {
+            Ok(_) => true,
+            Err(status) => {
+                tracing::warn!(order_id, payment_id, code = ?status.code(), message = status.message(), "refund failed; will retry");
+                false
+            }
+        }
+    }
+
+    async fn cancel(&self, id: String) -> Result<OrderRecord, Status> {
+        // A few rounds: the order may move (settle, fulfilment) between read and CAS.
+        for _ in 0..5 {
+            let order = self
+                .store
+                .get(id.clone())
+                .await
+                .map_err(|e| self.store_status(e))?
+                .ok_or_else(|| Status::not_found(format!("order {id} not found")))?;
+            let refund = match order.status {
+                status::CANCELLED => return Ok(order),
+                status::SHIPPED | status::DELIVERED => {
+                    return Err(Status::failed_precondition(format!(
+                        "order {id} is already {} and can no longer be cancelled",
+                        status::name(order.status)
+                    )));
+                }
+                status::PAID => true,
+                _ => false,
+            };
+            let t = Transition {
+                from: order.status,
+                to: status::CANCELLED,
+                reason: "cancelled by the customer".to_owned(),
+                payment_id: None,
+                next_step_at_ms: None,
+                refund_pending: refund,
+            };
+            let Some((cancelled, moved)) = self
+                .store
+                .transition(id.clone(), t)
+                .await
+                .map_err(|e| self.store_status(e))?
+            else {
+                return Err(Status::not_found(format!("order {id} not found")));
+            };
+            if !moved {
+                continue;
+            }
+            self.feed.nudge();
+            tracing::info!(order_id = %id, refund, "order cancelled");
+            if refund && self.refund(&id, &cancelled.payment_id).await {
+                self.store
+                    .refund_done(id.clone())
+                    .await
+                    .map_err(|e| self.store_status(e))?;
+            }
+            return Ok(cancelled);
+        }
+        Err(Status::aborted(format!(
+            "order {id} kept changing; try again"
+        )))
+    }
+
+    async fn retry_refunds(&self, limit: u32) {
+        let pending = match self.store.pending_refunds(limit).await {
+            Ok(p) => p,
+            Err(err) => return tracing::warn!(%err, "cannot list pending refunds"),
+        };
+        for (order_id, payment_id) in pending {
+            if self.refund(&order_id, &payment_id).await
+                && let Err(err) = self.store.refund_done(order_id).await
+            {
+                tracing::warn!(%err, "cannot record refund");
+            }
+        }
+    }
+
+    async fn settle_stale_pending(&self, limit: u32) {
+        let before = minimesh_runtime::now_millis() - STALE_PENDING.as_millis() as i64;
+        match self.store.stale_pending(before, limit).await {
+            Ok(orders) => {
+                for order in orders {
+                    let id = order.id.clone();
+                    if let Err(status) = self.settle(order).await {
+                        tracing::debug!(order_id = %id, message = status.message(), "stale order still unsettled");
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%err, "cannot list stale pending orders"),
+        }
+    }
+}
+
+/// Checks a CreateOrder request and computes its total and fingerprint.
+fn validate_order(req: CreateOrderRequest) -> Result<NewOrder, Status> {
+    let invalid = |msg: String| Status::invalid_argument(msg);
+    if req.user_id.is_empty() {
+        return Err(invalid("user_id is required".into()));
+    }
+    if req.user_id.len() > MAX_FIELD_LEN || req.idempotency_key.len() > MAX_FIELD_LEN {
+        return Err(invalid(format!(
+            "user_id and idempotency_key must be at most {MAX_FIELD_LEN} bytes"
+        )));
+    }
+    if !minimesh_runtime::is_currency_code(&req.currency) {
+        return Err(invalid(format!(
+            "currency {:?} is not an ISO 4217 code (three upper-case letters)",
+            req.currency
+        )));
+    }
+    if req.items.is_empty() {
+        return Err(invalid("an order needs at least one item".into()));
+    }
+    if req.items.len() > MAX_ITEMS {
+        return Err(invalid(format!(
+            "an order may have at most {MAX_ITEMS} items"
+        )));
+    }
+    let mut total: i64 = 0;
+    let mut hasher = Sha256::new();
+    hasher.update(req.user_id.as_bytes());
+    hasher.update([0]);
+    hasher.update(req.currency.as_bytes());
+    let mut items = Vec::with_capacity(req.items.len());
+    for (i, item) in req.items.into_iter().enumerate() {
+        if item.sku.is_empty() || item.sku.len() > MAX_FIELD_LEN {
+            return Err(invalid(format!(
+                "items[{i}].sku must be 1 to {MAX_FIELD_LEN} bytes"
+            )));
+        }
+        if item.quantity < 1 {
+            return Err(invalid(format!(
+                "items[{i}].quantity must be at least 1, got {}",
+                item.quantity
+            )));
+        }
+        if item.unit_price_cents < 0 {
+            return Err(invalid(format!(
+                "items[{i}].unit_price_cents must not be negative, got {}",
+                item.unit_price_cents
+            )));
+        }
+        total = item
+            .unit_price_cents
+            .checked_mul(i64::from(item.quantity))
+            .and_then(|line| total.checked_add(line))
+            .ok_or_else(|| invalid("order total overflows".into()))?;
+        hasher.update([0]);
+        hasher.update(item.sku.as_bytes());
+        hasher.update(item.quantity.to_le_bytes());
+        hasher.update(item.unit_price_cents.to_le_bytes());
+        items.push(ItemRecord {
+            sku: item.sku,
+            quantity: item.quantity,
+            unit_price_cents: item.unit_price_cents,
+        });
+    }
+    if total <= 0 {
+        return Err(invalid("order total must be greater than zero".into()));
+    }
+    let request_hash = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(NewOrder {
+        user_id: req.user_id,
+        items,
+        total_cents: total,
+        currency: req.currency,
+        idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+        request_hash,
+    })
+}
+
+pub(crate) fn to_proto(order: OrderRecord) -> Order {
+    Order {
+        id: order.id,
+        user_id: order.user_id,
+        items: order
+            .items
+            .into_iter()
+            .map(|i| OrderItem {
+                sku: i.sku,
+                quantity: i.quantity,
+                unit_price_cents: i.unit_price_cents,
+            })
+            .collect(),
+        total_cents: order.total_cents,
+        currency: order.currency,
+        status: order.status,
+        status_reason: order.status_reason,
+        payment_id: order.payment_id,
+        created_at: Some(minimesh_proto::timestamp_from_unix_millis(
+            order.created_at_ms,
+        )),
+        updated_at: Some(minimesh_proto::timestamp_from_unix_millis(
+            order.updated_at_ms,
+        )),
+    }
+}
+
+pub struct OrderApi {
+    orders: Arc<Orders>,
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderApi {
+    async fn create_order(
+        &self,
+        request: Request<CreateOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let order = self.orders.create(request.into_inner()).await?;
+        Ok(Response::new(to_proto(order)))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        match self
+            .orders
+            .store
+            .get(id.clone())
+            .await
+            .map_err(|e| self.orders.store_status(e))?
+        {
+            Some(order) => Ok(Response::new(to_proto(order))),
+            None => Err(Status::not_found(format!("order {id} not found"))),
+        }
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<ListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        let req = request.into_inner();
+        let size = page::page_size(req.page_size)?;
+        let after = page::decode_token(&req.page_token)?;
+        let user = (!req.user_id.is_empty()).then_some(req.user_id);
+        let mut rows = self
+            .orders
+            .store
+            .list(user, after, size + 1)
+            .await
+            .map_err(|e| self.orders.store_status(e))?;
+        let next_page_token = if rows.len() > size as usize {
+            rows.truncate(size as usize);
+            rows.last()
+                .map(|o| page::encode_token(&o.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListOrdersResponse {
+            orders: rows.into_iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<CancelOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        Ok(Response::new(to_proto(self.orders.cancel(id).await?)))
+    }
+
+    type WatchOrderStream = watch::EventStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        Ok(Response::new(
+            watch::watch_one(self.orders.clone(), id).await?,
+        ))
+    }
+
+    type TrackOrdersStream = watch::EventStream;
+
+    async fn track_orders(
+        &self,
+        request: Request<Streaming<TrackRequest>>,
+    ) -> Result<Response<Self::TrackOrdersStream>, Status> {
+        Ok(Response::new(watch::track(
+            self.orders.clone(),
+            request.into_inner(),
+        )))
+    }
+}
+
+pub(crate) fn event_to_proto(event: &store::EventRecord) -> OrderEvent {
+    OrderEvent {
+        order_id: event.order_id.clone(),
+        status: event.status,
+        status_reason: event.status_reason.clone(),
+        at: Some(minimesh_proto::timestamp_from_unix_millis(event.at_ms)),
+    }
+}
+
+/// The tonic service with the project's message size limits.
+pub fn service(orders: Arc<Orders>) -> OrderServiceServer<OrderApi> {
+    OrderServiceServer::new(OrderApi { orders })
+        .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
+}
+
+/// Runs the order service and its fulfilment worker until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: OrderConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), OrderServiceError> {
+    let store = OrderStore::open(&config.db).map_err(|source| OrderServiceError::Db {
+        path: config.db.clone(),
+        source,
+    })?;
+    let orders = Orders::new(store, &config).await?;
+    let worker = worker::spawn(orders.clone(), config.fulfilment_step);
+    let result = grpc::serve(listener, service(orders), shutdown).await;
+    worker.abort();
+    result?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(sku: &str, quantity: i32, price: i64) -> OrderItem {
+        OrderItem {
+            sku: sku.into(),
+            quantity,
+            unit_price_cents: price,
+        }
+    }
+
+    fn request(items: Vec<OrderItem>) -> CreateOrderRequest {
+        CreateOrderRequest {
+            user_id: "usr".into(),
+            items,
+            currency: "EUR".into(),
+            idempotency_key: String::new(),
+        }
+    }
+
+    #[test]
+    fn totals_and_fingerprints() {
+        let a = validate_order(request(vec![item("a", 2, 150), item("b", 1, 5)])).unwrap();
+        assert_eq!(a.total_cents, 305);
+        let b = validate_order(request(vec![item("a", 2, 150), item("b", 1, 6)])).unwrap();
+        assert_ne!(a.request_hash, b.request_hash);
+    }
+
+    #[test]
+    fn bad_orders_are_invalid_argument() {
+        for (items, needle) in [
+            (vec![], "at least one item"),
+            (vec![item("a", 0, 1)], "quantity"),
+            (vec![item("a", 1, -1)], "negative"),
+            (vec![item("", 1, 1)], "sku"),
+            (vec![item("a", i32::MAX, i64::MAX)], "overflows"),
+        ] {
+            let err = validate_order(request(items)).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(err.message().contains(needle), "{}", err.message());
+        }
+    }
+}

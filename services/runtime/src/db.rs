@@ -105,7 +105,8 @@ impl Db {
 /// replicas starting together do not both apply the same step.
 fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), DbError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let current: usize = tx.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
+    let current: usize =
+        tx.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
     for (index, sql) in migrations.iter().enumerate().skip(current) {
         let version = index + 1;
         tx.execute_batch(sql)

@@ -44,7 +44,9 @@ where
     reporter
         .set_service_status(S::NAME, ServingStatus::Serving)
         .await;
-    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(minimesh_proto::FILE_DESCRIPTOR_SET)
@@ -68,9 +70,17 @@ where
     Ok(())
 }
 
-async fn drain_on(shutdown: impl Future<Output = ()>, reporter: HealthReporter, name: &'static str) {
+async fn drain_on(
+    shutdown: impl Future<Output = ()>,
+    reporter: HealthReporter,
+    name: &'static str,
+) {
     shutdown.await;
     // Tell load balancers and probes first, then stop accepting.
-    reporter.set_service_status(name, ServingStatus::NotServing).await;
-    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter
+        .set_service_status(name, ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
 }

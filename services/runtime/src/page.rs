@@ -30,7 +30,8 @@ pub fn decode_token(token: &str) -> Result<Option<String>, tonic::Status> {
     if token.is_empty() {
         return Ok(None);
     }
-    let invalid = || tonic::Status::invalid_argument("page_token is not a token this server issued");
+    let invalid =
+        || tonic::Status::invalid_argument("page_token is not a token this server issued");
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     text.strip_prefix("after:")
@@ -61,6 +62,9 @@ mod tests {
     fn page_size_bounds() {
         assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
         assert_eq!(page_size(5000).unwrap(), MAX_PAGE_SIZE);
-        assert_eq!(page_size(-1).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            page_size(-1).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

@@ -1,0 +1,274 @@
+//! Payment storage. SQL is kept to what SQLite and PostgreSQL both run.
+
+use minimesh_runtime::db::{Db, DbError};
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+use std::future::Future;
+use std::path::Path;
+
+const MIGRATIONS: &[&str] = &["CREATE TABLE payments (
+        id              TEXT PRIMARY KEY,
+        order_id        TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        amount_cents    BIGINT NOT NULL,
+        currency        TEXT NOT NULL,
+        status          INTEGER NOT NULL,
+        decline_reason  TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        created_at_ms   BIGINT NOT NULL,
+        updated_at_ms   BIGINT NOT NULL
+    );
+    CREATE INDEX payments_by_order ON payments (order_id);"];
+
+/// Stored status values; equal to the proto enum numbers.
+pub const CAPTURED: i32 = 1;
+pub const DECLINED: i32 = 2;
+pub const REFUNDED: i32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRecord {
+    pub id: String,
+    pub order_id: String,
+    pub user_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub status: i32,
+    pub decline_reason: String,
+    pub created_at_ms: i64,
+}
+
+/// A validated charge, ready to store.
+#[derive(Debug, Clone)]
+pub struct NewCharge {
+    pub order_id: String,
+    pub user_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub idempotency_key: Option<String>,
+    /// Set when the charge is declined.
+    pub decline_reason: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("idempotency key {0:?} was already used for a different charge")]
+    KeyReused(String),
+    #[error("payment {0} not found")]
+    NotFound(String),
+    #[error("payment {0} was declined and cannot be refunded")]
+    NotRefundable(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::Db(err.into())
+    }
+}
+
+/// What the payment service needs from its storage.
+pub trait PaymentStore: Send + Sync + 'static {
+    /// Stores a charge, or returns the payment an earlier charge with the same
+    /// idempotency key made (checked and inserted in one transaction).
+    fn charge(
+        &self,
+        charge: NewCharge,
+    ) -> impl Future<Output = Result<PaymentRecord, StoreError>> + Send;
+    /// Marks a captured payment refunded; refunding twice is a no-op.
+    fn refund(&self, id: String) -> impl Future<Output = Result<PaymentRecord, StoreError>> + Send;
+    fn get(
+        &self,
+        id: String,
+    ) -> impl Future<Output = Result<Option<PaymentRecord>, StoreError>> + Send;
+}
+
+#[derive(Clone)]
+pub struct SqlitePaymentStore {
+    db: Db,
+}
+
+impl SqlitePaymentStore {
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        Ok(Self {
+            db: Db::open(path, MIGRATIONS)?,
+        })
+    }
+
+    pub fn in_memory() -> Result<Self, DbError> {
+        Ok(Self {
+            db: Db::open_in_memory(MIGRATIONS)?,
+        })
+    }
+}
+
+const COLUMNS: &str =
+    "id, order_id, user_id, amount_cents, currency, status, decline_reason, created_at_ms";
+
+fn from_row(row: &Row<'_>) -> rusqlite::Result<PaymentRecord> {
+    Ok(PaymentRecord {
+        id: row.get(0)?,
+        order_id: row.get(1)?,
+        user_id: row.get(2)?,
+        amount_cents: row.get(3)?,
+        currency: row.get(4)?,
+        status: row.get(5)?,
+        decline_reason: row.get(6)?,
+        created_at_ms: row.get(7)?,
+    })
+}
+
+fn select_by(
+    tx: &Transaction<'_>,
+    column: &str,
+    value: &str,
+) -> rusqlite::Result<Option<PaymentRecord>> {
+    tx.query_row(
+        &format!("SELECT {COLUMNS} FROM payments WHERE {column} = ?1"),
+        params![value],
+        from_row,
+    )
+    .optional()
+}
+
+impl PaymentStore for SqlitePaymentStore {
+    async fn charge(&self, charge: NewCharge) -> Result<PaymentRecord, StoreError> {
+        self.db
+            .write(move |tx| {
+                if let Some(key) = &charge.idempotency_key
+                    && let Some(existing) = select_by(tx, "idempotency_key", key)?
+                {
+                    let same = existing.order_id == charge.order_id
+                        && existing.user_id == charge.user_id
+                        && existing.amount_cents == charge.amount_cents
+                        && existing.currency == charge.currency;
+                    return if same {
+                        Ok(existing)
+                    } else {
+                        Err(StoreError::KeyReused(key.clone()))
+                    };
+                }
+                let now = minimesh_runtime::now_millis();
+                let record = PaymentRecord {
+                    id: minimesh_runtime::new_id("pay"),
+                    order_id: charge.order_id,
+                    user_id: charge.user_id,
+                    amount_cents: charge.amount_cents,
+                    currency: charge.currency,
+                    status: if charge.decline_reason.is_some() {
+                        DECLINED
+                    } else {
+                        CAPTURED
+                    },
+                    decline_reason: charge.decline_reason.unwrap_or_default(),
+                    created_at_ms: now,
+                };
+                tx.execute(
+                    "INSERT INTO payments (id, order_id, user_id, amount_cents, currency, status,
+                        decline_reason, idempotency_key, created_at_ms, updated_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+                    params![
+                        record.id,
+                        record.order_id,
+                        record.user_id,
+                        record.amount_cents,
+                        record.currency,
+                        record.status,
+                        record.decline_reason,
+                        charge.idempotency_key,
+                        now
+                    ],
+                )?;
+                Ok(record)
+            })
+            .await
+    }
+
+    async fn refund(&self, id: String) -> Result<PaymentRecord, StoreError> {
+        self.db
+            .write(move |tx| {
+                let mut record =
+                    select_by(tx, "id", &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+                match record.status {
+                    REFUNDED => Ok(record),
+                    CAPTURED => {
+                        tx.execute(
+                            "UPDATE payments SET status = ?1, updated_at_ms = ?2 WHERE id = ?3",
+                            params![REFUNDED, minimesh_runtime::now_millis(), id],
+                        )?;
+                        record.status = REFUNDED;
+                        Ok(record)
+                    }
+                    _ => Err(StoreError::NotRefundable(id.clone())),
+                }
+            })
+            .await
+    }
+
+    async fn get(&self, id: String) -> Result<Option<PaymentRecord>, StoreError> {
+        Ok(self
+            .db
+            .read(move |conn| {
+                Ok(conn
+                    .query_row(
+                        &format!("SELECT {COLUMNS} FROM payments WHERE id = ?1"),
+                        params![id],
+                        from_row,
+                    )
+                    .optional()?)
+            })
+            .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charge(key: Option<&str>, amount: i64) -> NewCharge {
+        NewCharge {
+            order_id: "ord_1".into(),
+            user_id: "usr_1".into(),
+            amount_cents: amount,
+            currency: "EUR".into(),
+            idempotency_key: key.map(str::to_owned),
+            decline_reason: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn same_key_same_payment_and_different_content_is_refused() {
+        let store = SqlitePaymentStore::in_memory().unwrap();
+        let first = store.charge(charge(Some("k"), 500)).await.unwrap();
+        let again = store.charge(charge(Some("k"), 500)).await.unwrap();
+        assert_eq!(first, again);
+        let err = store.charge(charge(Some("k"), 501)).await.unwrap_err();
+        assert!(matches!(err, StoreError::KeyReused(_)));
+        let other = store.charge(charge(None, 500)).await.unwrap();
+        assert_ne!(other.id, first.id);
+    }
+
+    #[tokio::test]
+    async fn refund_is_idempotent_and_declined_is_not_refundable() {
+        let store = SqlitePaymentStore::in_memory().unwrap();
+        let paid = store.charge(charge(None, 500)).await.unwrap();
+        assert_eq!(
+            store.refund(paid.id.clone()).await.unwrap().status,
+            REFUNDED
+        );
+        assert_eq!(
+            store.refund(paid.id.clone()).await.unwrap().status,
+            REFUNDED
+        );
+        let mut declined = charge(None, 500);
+        declined.decline_reason = Some("too much".into());
+        let declined = store.charge(declined).await.unwrap();
+        assert!(matches!(
+            store.refund(declined.id).await,
+            Err(StoreError::NotRefundable(_))
+        ));
+        assert!(matches!(
+            store.refund("nope".into()).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+}

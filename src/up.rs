@@ -1,0 +1,447 @@
+//! `minimesh up`: the local mesh supervisor.
+//!
+//! Every component is a copy of this binary started with a subcommand, so a
+//! plain `cargo run -- up` needs no other build step. Ports are picked once at
+//! start and kept across restarts, so peers' configuration stays valid when a
+//! child is restarted.
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Set in every child's environment: the child then dies with its supervisor.
+pub const SUPERVISED_ENV: &str = "MINIMESH_SUPERVISED";
+const SERVICES: [&str; 3] = ["user", "payment", "order"];
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const TRUST_DOMAIN: &str = "minimesh.local";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Where SQLite files, certificates, logs and mesh.json go.
+    #[arg(long, env = "MINIMESH_DATA_DIR", default_value = "./.minimesh")]
+    pub data_dir: PathBuf,
+    /// The gateway's listen address (h2c).
+    #[arg(long, env = "MINIMESH_GATEWAY_ADDR", default_value = "127.0.0.1:50051")]
+    pub gateway_addr: SocketAddr,
+    /// Replicas per service, e.g. `payment=3,order=2` (others default to 1).
+    #[arg(long, env = "MINIMESH_REPLICAS", value_parser = parse_replicas, default_value = "")]
+    pub replicas: Replicas,
+    /// How long a paid order waits before each fulfilment step.
+    #[arg(long, env = "MINIMESH_FULFILMENT_STEP", default_value = "2s")]
+    pub fulfilment_step: String,
+    /// OTLP/gRPC endpoint every service and sidecar exports traces to.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Replicas(BTreeMap<String, u16>);
+
+impl Replicas {
+    fn of(&self, service: &str) -> u16 {
+        self.0.get(service).copied().unwrap_or(1)
+    }
+}
+
+fn parse_replicas(raw: &str) -> Result<Replicas, String> {
+    let mut map = BTreeMap::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (service, count) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not SERVICE=N"))?;
+        if !SERVICES.contains(&service) {
+            return Err(format!(
+                "unknown service {service:?}; expected one of {SERVICES:?}"
+            ));
+        }
+        let count: u16 = count
+            .parse()
+            .map_err(|_| format!("replica count {count:?} of {service} is not a number"))?;
+        if !(1..=16).contains(&count) {
+            return Err(format!(
+                "replicas of {service} must be 1 to 16, got {count}"
+            ));
+        }
+        map.insert(service.to_owned(), count);
+    }
+    Ok(Replicas(map))
+}
+
+/// One supervised process: how to start it and where it is now.
+struct Child {
+    name: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    /// Address whose gRPC health must be SERVING for the child to count as ready.
+    health_addr: SocketAddr,
+    pid: Option<u32>,
+    generation: u64,
+    started: Instant,
+    restarts: u32,
+    /// When set, the child is down and will be started again then.
+    restart_at: Option<Instant>,
+}
+
+#[derive(Serialize)]
+struct MeshFile {
+    trust_domain: &'static str,
+    ca_dir: PathBuf,
+    version: &'static str,
+    instances: Vec<InstanceEntry>,
+}
+
+#[derive(Serialize)]
+struct InstanceEntry {
+    service: &'static str,
+    replica: u16,
+    pid: u32,
+    app: String,
+    db: PathBuf,
+    log: PathBuf,
+}
+
+struct Instance {
+    service: &'static str,
+    replica: u16,
+    app: SocketAddr,
+    db: PathBuf,
+    child: usize,
+}
+
+/// Reserves a free loopback port. The socket is closed again right away; the
+/// child binds the same port a moment later.
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
+    listener.local_addr().context("reading a reserved port")
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    init_logging();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving data dir {}", args.data_dir.display()))?;
+    let logs = data_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let exe = std::env::current_exe().context("finding the minimesh binary")?;
+
+    let mut children: Vec<Child> = Vec::new();
+    let mut instances: Vec<Instance> = Vec::new();
+    let mut first_addr: BTreeMap<&str, SocketAddr> = BTreeMap::new();
+    for service in SERVICES {
+        for replica in 0..args.replicas.of(service) {
+            let app = free_port()?;
+            first_addr.entry(service).or_insert(app);
+            let db = data_dir.join(format!("{service}.db"));
+            let name = format!("{service}-{replica}");
+            let mut child_args = vec![
+                "service".to_owned(),
+                service.to_owned(),
+                "--listen".to_owned(),
+                app.to_string(),
+                "--db".to_owned(),
+                db.display().to_string(),
+            ];
+            if service == "order" {
+                // Until sidecars route between services, order calls replica 0 directly.
+                for (flag, peer) in [("--user-addr", "user"), ("--payment-addr", "payment")] {
+                    let addr = first_addr.get(peer).context("peers start before order")?;
+                    child_args.push(flag.to_owned());
+                    child_args.push(format!("http://{addr}"));
+                }
+                child_args.push("--fulfilment-step".to_owned());
+                child_args.push(args.fulfilment_step.clone());
+            }
+            let mut env = Vec::new();
+            if let Some(endpoint) = &args.otlp_endpoint {
+                env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint.clone()));
+                env.push((
+                    "OTEL_SERVICE_NAME".to_owned(),
+                    format!("minimesh-{service}"),
+                ));
+            }
+            instances.push(Instance {
+                service,
+                replica,
+                app,
+                db,
+                child: children.len(),
+            });
+            children.push(Child {
+                log: logs.join(format!("{name}.log")),
+                name,
+                args: child_args,
+                env,
+                health_addr: app,
+                pid: None,
+                generation: 0,
+                started: Instant::now(),
+                restarts: 0,
+                restart_at: None,
+            });
+        }
+    }
+
+    let (exits_tx, mut exits) = mpsc::unbounded_channel::<(usize, u64, String)>();
+    for index in 0..children.len() {
+        spawn_child(&exe, &mut children[index], index, &exits_tx)?;
+    }
+    let mesh_path = data_dir.join("mesh.json");
+    let ca_dir = data_dir.join("certs");
+    let write_mesh = |children: &[Child]| -> anyhow::Result<()> {
+        let file = MeshFile {
+            trust_domain: TRUST_DOMAIN,
+            ca_dir: ca_dir.clone(),
+            version: crate::VERSION,
+            instances: instances
+                .iter()
+                .map(|i| InstanceEntry {
+                    service: i.service,
+                    replica: i.replica,
+                    pid: children[i.child].pid.unwrap_or(0),
+                    app: i.app.to_string(),
+                    db: i.db.clone(),
+                    log: children[i.child].log.clone(),
+                })
+                .collect(),
+        };
+        write_atomically(&mesh_path, &serde_json::to_vec_pretty(&file)?)
+    };
+    write_mesh(&children)?;
+
+    let shutdown = minimesh_runtime::shutdown::signal();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        ready = wait_ready(&children) => ready?,
+        _ = &mut shutdown => {
+            stop_all(&mut children, &mut exits).await;
+            return Ok(());
+        }
+        Some((index, _, status)) = exits.recv() => {
+            let name = children[index].name.clone();
+            stop_all(&mut children, &mut exits).await;
+            bail!("{name} exited during start-up ({status}); see {}", children[index].log.display());
+        }
+    }
+    println!(
+        "mesh ready: gateway {} (services: {}; details in {})",
+        args.gateway_addr,
+        instances
+            .iter()
+            .map(|i| format!("{}-{}={}", i.service, i.replica, i.app))
+            .collect::<Vec<_>>()
+            .join(" "),
+        mesh_path.display()
+    );
+
+    loop {
+        let next_restart = children.iter().filter_map(|c| c.restart_at).min();
+        let restart_due = async {
+            match next_restart {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some((index, generation, status)) = exits.recv() => {
+                let child = &mut children[index];
+                if generation != child.generation {
+                    continue;
+                }
+                child.pid = None;
+                // Back off when a child keeps dying right after start.
+                let delay = if child.started.elapsed() > Duration::from_secs(10) {
+                    child.restarts = 0;
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_millis(100 * 2u64.pow(child.restarts.min(6)))
+                };
+                child.restarts += 1;
+                tracing::warn!(child = %child.name, %status, ?delay, "child exited; restarting");
+                eprintln!("minimesh: {} exited ({status}); restarting in {delay:?}", child.name);
+                child.restart_at = Some(Instant::now() + delay);
+            }
+            _ = restart_due => {
+                let now = Instant::now();
+                for index in 0..children.len() {
+                    if children[index].restart_at.is_some_and(|at| at <= now) {
+                        children[index].restart_at = None;
+                        if let Err(err) = spawn_child(&exe, &mut children[index], index, &exits_tx) {
+                            tracing::error!(child = %children[index].name, %err, "restart failed");
+                            children[index].restart_at = Some(now + Duration::from_secs(1));
+                        }
+                    }
+                }
+                if let Err(err) = write_mesh(&children) {
+                    tracing::error!(%err, "cannot rewrite mesh.json");
+                }
+            }
+        }
+    }
+    stop_all(&mut children, &mut exits).await;
+    println!("mesh stopped");
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn spawn_child(
+    exe: &Path,
+    child: &mut Child,
+    index: usize,
+    exits: &mpsc::UnboundedSender<(usize, u64, String)>,
+) -> anyhow::Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&child.log)
+        .with_context(|| format!("opening log {}", child.log.display()))?;
+    let log_err = log.try_clone().context("duplicating the log handle")?;
+    let mut command = Command::new(exe);
+    command
+        .args(&child.args)
+        .envs(child.env.iter().map(|(k, v)| (k, v)))
+        .env(SUPERVISED_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .kill_on_drop(true);
+    let mut process = command
+        .spawn()
+        .with_context(|| format!("starting {}", child.name))?;
+    child.generation += 1;
+    child.pid = process.id();
+    child.started = Instant::now();
+    tracing::info!(child = %child.name, pid = ?child.pid, "started");
+    let generation = child.generation;
+    let exits = exits.clone();
+    tokio::spawn(async move {
+        let status = match process.wait().await {
+            Ok(status) => status.to_string(),
+            Err(err) => format!("wait failed: {err}"),
+        };
+        let _ = exits.send((index, generation, status));
+    });
+    Ok(())
+}
+
+/// Waits until every child's gRPC health reports SERVING.
+async fn wait_ready(children: &[Child]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for child in children {
+        let url = format!("http://{}", child.health_addr);
+        loop {
+            if serving(&url).await {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not become ready within {READY_TIMEOUT:?}; see {}",
+                    child.name,
+                    child.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+pub async fn serving(url: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.timeout(Duration::from_secs(1)).connect().await else {
+        return false;
+    };
+    matches!(
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await,
+        Ok(response) if response.get_ref().status == ServingStatus::Serving as i32
+    )
+}
+
+/// SIGTERM to every child, then SIGKILL to whatever is left after the grace period.
+async fn stop_all(
+    children: &mut [Child],
+    exits: &mut mpsc::UnboundedReceiver<(usize, u64, String)>,
+) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    for child in children.iter_mut() {
+        child.restart_at = None;
+        if let Some(pid) = child.pid {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    while children.iter().any(|c| c.pid.is_some()) {
+        match tokio::time::timeout_at(deadline, exits.recv()).await {
+            Ok(Some((index, generation, _))) => {
+                if children[index].generation == generation {
+                    children[index].pid = None;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                for child in children.iter().filter(|c| c.pid.is_some()) {
+                    tracing::warn!(child = %child.name, "did not stop in time; killing");
+                    if let Some(pid) = child.pid {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    }
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// Replaces `path` with `contents` so readers never see a partial file.
+fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_parse_and_reject_nonsense() {
+        let r = parse_replicas("payment=3, order=2").unwrap();
+        assert_eq!((r.of("payment"), r.of("order"), r.of("user")), (3, 2, 1));
+        assert!(parse_replicas("").unwrap().0.is_empty());
+        for bad in [
+            "payment",
+            "payment=x",
+            "shipping=2",
+            "payment=0",
+            "payment=99",
+        ] {
+            assert!(parse_replicas(bad).is_err(), "{bad}");
+        }
+    }
+}
