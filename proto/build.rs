@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::ShopCodec")
         .compile_fds(fds)?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");

@@ -197,8 +197,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<(usize, u64, String)>();
-    for index in 0..children.len() {
-        spawn_child(&exe, &mut children[index], index, &exits_tx)?;
+    for (index, child) in children.iter_mut().enumerate() {
+        spawn_child(&exe, child, index, &exits_tx)?;
     }
     let mesh_path = data_dir.join("mesh.json");
     let ca_dir = data_dir.join("certs");
@@ -278,12 +278,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
             _ = restart_due => {
                 let now = Instant::now();
-                for index in 0..children.len() {
-                    if children[index].restart_at.is_some_and(|at| at <= now) {
-                        children[index].restart_at = None;
-                        if let Err(err) = spawn_child(&exe, &mut children[index], index, &exits_tx) {
-                            tracing::error!(child = %children[index].name, %err, "restart failed");
-                            children[index].restart_at = Some(now + Duration::from_secs(1));
+                for (index, child) in children.iter_mut().enumerate() {
+                    if child.restart_at.is_some_and(|at| at <= now) {
+                        child.restart_at = None;
+                        if let Err(err) = spawn_child(&exe, child, index, &exits_tx) {
+                            tracing::error!(child = %child.name, %err, "restart failed");
+                            child.restart_at = Some(now + Duration::from_secs(1));
                         }
                     }
                 }

@@ -17,6 +17,8 @@ pub fn spawn(orders: Arc<Orders>, step: Duration) -> tokio::task::JoinHandle<()>
     // Poll a few times per step so orders advance close to their due time.
     let tick = (step / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let step_ms = step.as_millis() as i64;
+    let ticks_per_repair =
+        (Duration::from_secs(1).as_millis() / tick.as_millis().max(1)).max(1) as u64;
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -37,9 +39,7 @@ pub fn spawn(orders: Arc<Orders>, step: Duration) -> tokio::task::JoinHandle<()>
                 Err(err) => tracing::warn!(%err, "fulfilment pass failed"),
             }
             // Repairs are rare; check for them about once a second.
-            if ticks % (Duration::from_secs(1).as_millis() / tick.as_millis().max(1)).max(1) as u64
-                == 0
-            {
+            if ticks.is_multiple_of(ticks_per_repair) {
                 orders.retry_refunds(BATCH).await;
                 orders.settle_stale_pending(BATCH).await;
             }

@@ -1,0 +1,172 @@
+//! Helpers for tests that run `minimesh up` as a real process.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A running `minimesh up`; killed (and with it every child) when dropped.
+pub struct Mesh {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub ready_line: String,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // Children die with the supervisor (parent-death signal).
+        let _ = self.child.start_kill();
+    }
+}
+
+pub async fn start_mesh(data_dir: &Path, extra: &[&str]) -> Mesh {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_minimesh"))
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--gateway-addr")
+        .arg("127.0.0.1:0")
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start minimesh up");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready_line = tokio::time::timeout(START_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if line.starts_with("mesh ready") {
+                return line;
+            }
+        }
+        panic!("minimesh up exited before it was ready");
+    })
+    .await
+    .expect("mesh ready in time");
+    // Keep draining stdout so the supervisor never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Mesh {
+        child,
+        data_dir: data_dir.to_owned(),
+        ready_line,
+    }
+}
+
+impl Mesh {
+    pub fn mesh_json(&self) -> Value {
+        let text =
+            std::fs::read_to_string(self.data_dir.join("mesh.json")).expect("read mesh.json");
+        serde_json::from_str(&text).expect("mesh.json is JSON")
+    }
+
+    /// Instances of one service from mesh.json.
+    pub fn instances(&self, service: &str) -> Vec<Value> {
+        self.mesh_json()["instances"]
+            .as_array()
+            .expect("instances array")
+            .iter()
+            .filter(|i| i["service"] == service)
+            .cloned()
+            .collect()
+    }
+
+    pub fn app_url(&self, service: &str) -> String {
+        format!(
+            "http://{}",
+            self.instances(service)[0]["app"]
+                .as_str()
+                .expect("app addr")
+        )
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running") as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("signal");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("up stops within 30s")
+            .expect("wait")
+    }
+}
+
+pub fn process_alive(pid: i64) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Polls `check` until it returns Some, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn health_serving(url: &str) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    matches!(
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await,
+        Ok(r) if r.get_ref().status == ServingStatus::Serving as i32
+    )
+}
+
+/// Service names listed by server reflection (v1).
+pub async fn reflected_services(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect reflection");
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one answer");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
