@@ -5,7 +5,8 @@ mod up;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use minimesh_runtime::{logging, shutdown};
+use minimesh_runtime::{shutdown, telemetry};
+use opentelemetry::KeyValue;
 use tokio::net::TcpListener;
 
 const VERSION: &str = concat!(
@@ -27,8 +28,26 @@ enum Command {
     /// Run the whole mesh on this machine: every service, sidecar and the gateway as its own process.
     Up(up::UpArgs),
     /// Run one service.
+    Service(ServiceArgs),
+}
+
+#[derive(clap::Args)]
+struct ServiceArgs {
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     #[command(subcommand)]
-    Service(ServiceCommand),
+    service: ServiceCommand,
+}
+
+/// Trace export settings every component shares.
+#[derive(clap::Args)]
+struct TelemetryArgs {
+    /// OTLP/gRPC collector endpoint (e.g. http://127.0.0.1:4317); no export without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
+    /// Replica number, recorded as a resource attribute.
+    #[arg(long, env = "MINIMESH_REPLICA", global = true, default_value_t = 0)]
+    replica: u32,
 }
 
 #[derive(Subcommand)]
@@ -55,11 +74,30 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn run_service(command: ServiceCommand) -> anyhow::Result<()> {
-    logging::init("info");
+async fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
+    let name = match &args.service {
+        ServiceCommand::User(_) => "user",
+        ServiceCommand::Order(_) => "order",
+        ServiceCommand::Payment(_) => "payment",
+    };
+    let telemetry = telemetry::init(
+        &format!("minimesh-{name}"),
+        args.telemetry.otlp_endpoint.as_deref(),
+        vec![
+            KeyValue::new("minimesh.service", name),
+            KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
+            KeyValue::new("service.version", VERSION),
+        ],
+    )?;
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
     }
+    let result = serve_one(args.service).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn serve_one(command: ServiceCommand) -> anyhow::Result<()> {
     match command {
         ServiceCommand::User(config) => {
             let listener = bind("user", &config.listen).await?;

@@ -166,7 +166,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 child_args.push("--fulfilment-step".to_owned());
                 child_args.push(args.fulfilment_step.clone());
             }
-            let mut env = Vec::new();
+            let mut env = vec![("MINIMESH_REPLICA".to_owned(), replica.to_string())];
             if let Some(endpoint) = &args.otlp_endpoint {
                 env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint.clone()));
                 env.push((

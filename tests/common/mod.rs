@@ -2,6 +2,7 @@
 //! loopback ports, each with its own SQLite file in a temporary directory.
 #![allow(dead_code)]
 
+pub mod collector;
 pub mod process;
 
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;

@@ -25,7 +25,12 @@ impl Drop for Mesh {
 }
 
 pub async fn start_mesh(data_dir: &Path, extra: &[&str]) -> Mesh {
+    start_mesh_with_env(data_dir, extra, &[]).await
+}
+
+pub async fn start_mesh_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Mesh {
     let mut child = Command::new(env!("CARGO_BIN_EXE_minimesh"))
+        .envs(env.iter().copied())
         .arg("up")
         .arg("--data-dir")
         .arg(data_dir)
@@ -116,7 +121,9 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

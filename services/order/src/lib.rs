@@ -18,6 +18,7 @@ use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::payment::v1::{ChargeRequest, PaymentStatus, RefundRequest};
 use minimesh_proto::user::v1::GetUserRequest;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_runtime::trace::{RpcTrace, RpcTraceLayer};
 use minimesh_runtime::{grpc, page};
 use sha2::{Digest, Sha256};
 use std::future::Future;
@@ -72,8 +73,8 @@ const FEED_POLL: Duration = Duration::from_millis(100);
 pub struct Orders {
     store: OrderStore,
     feed: Feed,
-    users: UserServiceClient<Channel>,
-    payments: PaymentServiceClient<Channel>,
+    users: UserServiceClient<Upstream>,
+    payments: PaymentServiceClient<Upstream>,
     step: Duration,
 }
 
@@ -95,17 +96,21 @@ pub enum OrderServiceError {
     Serve(#[from] grpc::ServeError),
 }
 
-fn upstream(addr: &str, timeout: Duration) -> Result<Channel, OrderServiceError> {
+/// A channel to a peer service whose calls carry the caller's trace context.
+type Upstream = RpcTrace<Channel>;
+
+fn upstream(addr: &str, timeout: Duration) -> Result<Upstream, OrderServiceError> {
     let endpoint =
         Endpoint::from_shared(addr.to_owned()).map_err(|source| OrderServiceError::Upstream {
             addr: addr.to_owned(),
             source,
         })?;
-    Ok(endpoint
+    let channel = endpoint
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
-        .connect_lazy())
+        .connect_lazy();
+    Ok(tower::Layer::layer(&RpcTraceLayer::client(), channel))
 }
 
 impl Orders {

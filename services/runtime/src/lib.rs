@@ -5,6 +5,8 @@ pub mod grpc;
 pub mod logging;
 pub mod page;
 pub mod shutdown;
+pub mod telemetry;
+pub mod trace;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,309 @@
+//! Per-call spans for gRPC, as tower layers: one for servers (continues the
+//! caller's W3C trace context) and one for clients (injects it).
+//!
+//! Spans follow the OpenTelemetry RPC conventions: name `pkg.Service/Method`,
+//! kind SERVER or CLIENT, `rpc.system=grpc`, `rpc.service`, `rpc.method`,
+//! `rpc.grpc.status_code`, and error status on a non-OK code. A span lasts
+//! until the response body ends, so a stream is one span, and the status is
+//! read from the trailers (or the headers of a trailers-only response).
+
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame};
+use opentelemetry::propagation::{Extractor, Injector};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tracing::{Instrument, Span, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Server,
+    Client,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RpcTraceLayer {
+    kind: Kind,
+}
+
+impl RpcTraceLayer {
+    pub fn server() -> Self {
+        Self { kind: Kind::Server }
+    }
+    pub fn client() -> Self {
+        Self { kind: Kind::Client }
+    }
+}
+
+impl<S> tower::Layer<S> for RpcTraceLayer {
+    type Service = RpcTrace<S>;
+    fn layer(&self, inner: S) -> RpcTrace<S> {
+        RpcTrace {
+            inner,
+            kind: self.kind,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RpcTrace<S> {
+    inner: S,
+    kind: Kind,
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Continues the trace context carried by `headers` in `span`.
+pub fn continue_trace(span: &Span, headers: &HeaderMap) {
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let _ = span.set_parent(parent);
+}
+
+/// Writes `span`'s trace context into `headers` (`traceparent`, `tracestate`).
+pub fn inject_trace(span: &Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut HeaderInjector(headers))
+    });
+}
+
+/// Records the trace and span ids as plain fields, so JSON log lines written
+/// inside the span carry them.
+pub fn record_ids(span: &Span) {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let otel = cx.span();
+    let sc = otel.span_context();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
+        span.record("span_id", tracing::field::display(sc.span_id()));
+    }
+}
+
+/// Splits `/pkg.Service/Method` into its service and method.
+pub fn split_path(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_start_matches('/');
+    trimmed.split_once('/').unwrap_or((trimmed, ""))
+}
+
+pub fn rpc_span(kind: Kind, path: &str) -> Span {
+    if path.starts_with("/grpc.health.v1.Health/") {
+        // Probes poll health constantly; their spans would drown real traffic.
+        return Span::none();
+    }
+    let (service, method) = split_path(path);
+    let name = path.trim_start_matches('/');
+    match kind {
+        Kind::Server => tracing::info_span!("rpc.server", otel.name = %name, otel.kind = "server",
+            rpc.system = "grpc", rpc.service = %service, rpc.method = %method,
+            rpc.grpc.status_code = Empty, otel.status_code = Empty, otel.status_description = Empty,
+            trace_id = Empty, span_id = Empty),
+        Kind::Client => tracing::info_span!("rpc.client", otel.name = %name, otel.kind = "client",
+            rpc.system = "grpc", rpc.service = %service, rpc.method = %method,
+            rpc.grpc.status_code = Empty, otel.status_code = Empty, otel.status_description = Empty,
+            trace_id = Empty, span_id = Empty),
+    }
+}
+
+/// Records the final gRPC status on `span`.
+pub fn record_status(span: &Span, code: i32, message: Option<&str>) {
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
+        if let Some(message) = message {
+            span.record("otel.status_description", message);
+        }
+    }
+}
+
+fn status_in(headers: &HeaderMap) -> Option<(i32, Option<String>)> {
+    let code = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(percent_decode);
+    Some((code, message))
+}
+
+/// grpc-message is percent-encoded on the wire.
+fn percent_decode(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(byte) = u8::from_str_radix(&raw[i + 1..i + 3], 16)
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for RpcTrace<S>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<TracedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let span = rpc_span(self.kind, request.uri().path());
+        match self.kind {
+            Kind::Server => continue_trace(&span, request.headers()),
+            Kind::Client => inject_trace(&span, request.headers_mut()),
+        }
+        record_ids(&span);
+        let future = self.inner.call(request).instrument(span.clone());
+        Box::pin(async move {
+            let response = future.await?;
+            // A trailers-only response (an error before any message) carries the status in its headers.
+            let finished = status_in(response.headers());
+            if let Some((code, message)) = &finished {
+                record_status(&span, *code, message.as_deref());
+            }
+            Ok(response.map(|body| TracedBody {
+                inner: body,
+                span: Some(span),
+                finished: finished.is_some(),
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its call's span open until the body ends
+    /// and records the gRPC status from the trailers.
+    pub struct TracedBody<B> {
+        #[pin]
+        inner: B,
+        span: Option<Span>,
+        finished: bool,
+    }
+
+    impl<B> PinnedDrop for TracedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.finished
+                && let Some(span) = this.span.as_ref()
+            {
+                // Dropped before a status arrived: the caller cancelled.
+                record_status(span, 1, Some("cancelled"));
+            }
+        }
+    }
+}
+
+impl<B: Body> Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let (Some(span), Some((code, message))) =
+                        (this.span.as_ref(), status_in(trailers))
+                {
+                    record_status(span, code, message.as_deref());
+                    *this.finished = true;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(span) = this.span.as_ref() {
+                    // The stream broke before a status: UNAVAILABLE, as a client would see it.
+                    record_status(span, 14, Some("response stream failed"));
+                }
+                *this.finished = true;
+            }
+            Poll::Ready(None) => {
+                this.span.take();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_into_service_and_method() {
+        assert_eq!(
+            split_path("/shop.order.v1.OrderService/CreateOrder"),
+            ("shop.order.v1.OrderService", "CreateOrder")
+        );
+        assert_eq!(split_path("/weird"), ("weird", ""));
+    }
+
+    #[test]
+    fn grpc_message_is_percent_decoded() {
+        assert_eq!(
+            percent_decode("user%20usr_1%20not%20found"),
+            "user usr_1 not found"
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn status_comes_from_headers() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(status_in(&headers), None);
+        headers.insert("grpc-status", http::HeaderValue::from_static("5"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("order%20x%20not%20found"),
+        );
+        assert_eq!(
+            status_in(&headers),
+            Some((5, Some("order x not found".to_owned())))
+        );
+    }
+}

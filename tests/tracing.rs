@@ -1,0 +1,160 @@
+//! Traces and logs as a user sees them in Jaeger: one CreateOrder is one
+//! trace across every process, and log lines carry its trace id.
+
+mod common;
+
+use common::collector::*;
+use common::process::*;
+use common::*;
+use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
+use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+const SERVER: i32 = 2; // SPAN_KIND_SERVER
+const CLIENT: i32 = 3; // SPAN_KIND_CLIENT
+const STATUS_ERROR: i32 = 2;
+
+#[tokio::test]
+async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
+    let (collector, url) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY-free alternative to set_var: the supervisor passes its env on.
+    let mesh = start_mesh_with_env(
+        dir.path(),
+        &["--otlp-endpoint", &url, "--fulfilment-step", "1h"],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    )
+    .await;
+    let mut users = UserServiceClient::connect(mesh.app_url("user"))
+        .await
+        .unwrap();
+    let mut orders = OrderServiceClient::connect(mesh.app_url("order"))
+        .await
+        .unwrap();
+    let buyer = new_user(&mut users).await;
+    let order = place_order(&mut orders, &buyer.id).await;
+    let declined = orders
+        .create_order(order_request(&buyer.id, vec![item("yacht", 1, 50_000_000)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let invalid = orders
+        .create_order(order_request(&buyer.id, vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+
+    // The CreateOrder server span is the root of the order's trace.
+    let root = eventually(
+        Duration::from_secs(30),
+        "CreateOrder root span exported",
+        || {
+            let spans = collector.spans();
+            async move {
+                spans.into_iter().find(|s| {
+                    s.service == "minimesh-order"
+                        && s.name == "shop.order.v1.OrderService/CreateOrder"
+                        && s.parent_span_id.is_empty()
+                })
+            }
+        },
+    )
+    .await;
+    let trace = root.trace_id.clone();
+    let expected = [
+        (
+            "minimesh-order",
+            "shop.order.v1.OrderService/CreateOrder",
+            SERVER,
+        ),
+        ("minimesh-order", "shop.user.v1.UserService/GetUser", CLIENT),
+        ("minimesh-user", "shop.user.v1.UserService/GetUser", SERVER),
+        (
+            "minimesh-order",
+            "shop.payment.v1.PaymentService/Charge",
+            CLIENT,
+        ),
+        (
+            "minimesh-payment",
+            "shop.payment.v1.PaymentService/Charge",
+            SERVER,
+        ),
+    ];
+    let spans = eventually(
+        Duration::from_secs(30),
+        "every hop of the order exported",
+        || {
+            let spans: Vec<SpanRecord> = collector
+                .spans()
+                .into_iter()
+                .filter(|s| s.trace_id == trace)
+                .collect();
+            async move {
+                let complete = expected.iter().all(|(svc, name, kind)| {
+                    spans
+                        .iter()
+                        .any(|s| s.service == *svc && s.name == *name && s.kind == *kind)
+                });
+                complete.then_some(spans)
+            }
+        },
+    )
+    .await;
+    // One tree: every parent is a span of the same trace.
+    let ids: HashSet<&Vec<u8>> = spans.iter().map(|s| &s.span_id).collect();
+    for span in &spans {
+        assert!(
+            span.parent_span_id.is_empty() || ids.contains(&span.parent_span_id),
+            "orphan span {span:?}"
+        );
+    }
+    assert_eq!(
+        spans.iter().filter(|s| s.parent_span_id.is_empty()).count(),
+        1,
+        "exactly one root"
+    );
+    // Server spans of user and payment hang under order's client spans.
+    let by_id: HashMap<&Vec<u8>, &SpanRecord> = spans.iter().map(|s| (&s.span_id, s)).collect();
+    for span in spans
+        .iter()
+        .filter(|s| s.kind == SERVER && s.service != "minimesh-order")
+    {
+        let parent = by_id[&span.parent_span_id];
+        assert_eq!(
+            (parent.service.as_str(), parent.kind, parent.name.as_str()),
+            ("minimesh-order", CLIENT, span.name.as_str())
+        );
+    }
+    assert_eq!(root.attr("rpc.system"), Some("grpc"));
+    assert_eq!(root.attr("rpc.service"), Some("shop.order.v1.OrderService"));
+    assert_eq!(root.attr("rpc.method"), Some("CreateOrder"));
+    assert_eq!(root.attr("rpc.grpc.status_code"), Some("0"));
+
+    // An invalid request's span carries error status and its code.
+    let failed = eventually(Duration::from_secs(30), "failed CreateOrder span", || {
+        let spans = collector.spans();
+        async move {
+            spans.into_iter().find(|s| {
+                s.name == "shop.order.v1.OrderService/CreateOrder"
+                    && s.attr("rpc.grpc.status_code") == Some("3")
+            })
+        }
+    })
+    .await;
+    assert_eq!(failed.status_code, STATUS_ERROR);
+
+    // A log line written while handling the call carries its trace id.
+    let trace_hex: String = trace.iter().map(|b| format!("{b:02x}")).collect();
+    let log = std::fs::read_to_string(dir.path().join("logs/order-0.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("order created") && l.contains(&order.id))
+        .expect("order created log line");
+    assert!(
+        line.contains(&trace_hex),
+        "log line {line} lacks trace id {trace_hex}"
+    );
+    assert_ne!(declined.id, order.id);
+    assert!(mesh.terminate().await.success());
+}
