@@ -433,6 +433,24 @@ impl OrderStore {
         step_ms: i64,
         batch: u32,
     ) -> Result<usize, StoreError> {
+        // Look before taking the write lock: most ticks find nothing due, and
+        // replicas sharing the file should not serialise on empty passes.
+        let any_due = self
+            .db
+            .read(move |conn| {
+                Ok(conn
+                    .query_row(
+                        "SELECT 1 FROM orders WHERE next_step_at_ms IS NOT NULL AND next_step_at_ms <= ?1 LIMIT 1",
+                        params![now_ms],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some())
+            })
+            .await?;
+        if !any_due {
+            return Ok(0);
+        }
         self.db
             .write(move |tx| {
                 let due: Vec<(String, i32)> = {
