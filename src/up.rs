@@ -107,6 +107,8 @@ struct InstanceEntry {
     replica: u16,
     pid: u32,
     app: String,
+    /// The service's own Prometheus `/metrics` (business counters, span export counts).
+    metrics: String,
     db: PathBuf,
     log: PathBuf,
 }
@@ -115,6 +117,7 @@ struct Instance {
     service: &'static str,
     replica: u16,
     app: SocketAddr,
+    metrics: SocketAddr,
     db: PathBuf,
     child: usize,
 }
@@ -145,6 +148,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for service in SERVICES {
         for replica in 0..args.replicas.of(service) {
             let app = free_port()?;
+            let metrics = free_port()?;
             first_addr.entry(service).or_insert(app);
             let db = data_dir.join(format!("{service}.db"));
             let name = format!("{service}-{replica}");
@@ -155,6 +159,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 app.to_string(),
                 "--db".to_owned(),
                 db.display().to_string(),
+                "--metrics-listen".to_owned(),
+                metrics.to_string(),
             ];
             if service == "order" {
                 // Until sidecars route between services, order calls replica 0 directly.
@@ -178,6 +184,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 service,
                 replica,
                 app,
+                metrics,
                 db,
                 child: children.len(),
             });
@@ -214,6 +221,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     replica: i.replica,
                     pid: children[i.child].pid.unwrap_or(0),
                     app: i.app.to_string(),
+                    metrics: i.metrics.to_string(),
                     db: i.db.clone(),
                     log: children[i.child].log.clone(),
                 })

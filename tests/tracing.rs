@@ -158,3 +158,94 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
     assert_ne!(declined.id, order.id);
     assert!(mesh.terminate().await.success());
 }
+
+async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn collector_down_calls_unaffected_and_dropped_spans_counted() {
+    // A port nobody listens on: reserve it, then close it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://{dead}");
+    let mesh = start_mesh_with_env(
+        dir.path(),
+        &["--otlp-endpoint", &endpoint, "--fulfilment-step", "1h"],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    )
+    .await;
+    let mut users = UserServiceClient::connect(mesh.app_url("user"))
+        .await
+        .unwrap();
+    let buyer = new_user(&mut users).await;
+    for _ in 0..1000 {
+        let fetched = users
+            .get_user(minimesh_proto::user::v1::GetUserRequest {
+                id: buyer.id.clone(),
+            })
+            .await
+            .expect("calls succeed with the collector down")
+            .into_inner();
+        assert_eq!(fetched, buyer);
+    }
+    let metrics_addr = mesh.instances("user")[0]["metrics"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dropped = eventually(Duration::from_secs(30), "dropped spans counted", || {
+        let addr = metrics_addr.clone();
+        async move {
+            let text = metrics_text(&addr).await;
+            let dropped = counter(&text, "minimesh_spans_dropped_total");
+            (dropped > 0).then_some(dropped)
+        }
+    })
+    .await;
+    assert!(
+        dropped <= 1001,
+        "only this test's spans can be dropped, got {dropped}"
+    );
+
+    // Business counters: one order paid shows up on the order service.
+    let mut orders = OrderServiceClient::connect(mesh.app_url("order"))
+        .await
+        .unwrap();
+    place_order(&mut orders, &buyer.id).await;
+    let order_metrics = metrics_text(mesh.instances("order")[0]["metrics"].as_str().unwrap()).await;
+    assert_eq!(
+        counter(&order_metrics, "minimesh_orders_total{status=\"paid\"}"),
+        1,
+        "{order_metrics}"
+    );
+    let user_metrics = metrics_text(&metrics_addr).await;
+    assert_eq!(
+        counter(&user_metrics, "minimesh_users_total{status=\"created\"}"),
+        1
+    );
+    assert!(mesh.terminate().await.success());
+}

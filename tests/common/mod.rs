@@ -62,6 +62,7 @@ pub async fn start_shop(step: Duration) -> Shop {
     let user = minimesh_user::UserConfig {
         listen: String::new(),
         db: db("user"),
+        metrics_listen: None,
     };
     tokio::spawn(minimesh_user::serve(
         user_listener,
@@ -71,6 +72,7 @@ pub async fn start_shop(step: Duration) -> Shop {
     let payment = minimesh_payment::PaymentConfig {
         listen: String::new(),
         db: db("payment"),
+        metrics_listen: None,
         charge_limit_cents: 100_000,
         debug_delay: None,
     };
@@ -82,6 +84,7 @@ pub async fn start_shop(step: Duration) -> Shop {
     let order = minimesh_order::OrderConfig {
         listen: String::new(),
         db: db("order"),
+        metrics_listen: None,
         user_addr: user_url.clone(),
         payment_addr: payment_url.clone(),
         fulfilment_step: step,

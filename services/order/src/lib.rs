@@ -18,6 +18,7 @@ use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::payment::v1::{ChargeRequest, PaymentStatus, RefundRequest};
 use minimesh_proto::user::v1::GetUserRequest;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_runtime::metrics::ServiceMetrics;
 use minimesh_runtime::trace::{RpcTrace, RpcTraceLayer};
 use minimesh_runtime::{grpc, page};
 use sha2::{Digest, Sha256};
@@ -56,6 +57,9 @@ pub struct OrderConfig {
     /// How long a paid order waits before each fulfilment step.
     #[arg(long, env = "MINIMESH_FULFILMENT_STEP", value_parser = humantime::parse_duration, default_value = "2s")]
     pub fulfilment_step: Duration,
+    /// Prometheus `/metrics` listener (business counters); none when unset.
+    #[arg(long, env = "MINIMESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Deadline of each call to the user and payment services.
     #[arg(long, env = "MINIMESH_UPSTREAM_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub upstream_timeout: Duration,
@@ -76,6 +80,7 @@ pub struct Orders {
     users: UserServiceClient<Upstream>,
     payments: PaymentServiceClient<Upstream>,
     step: Duration,
+    metrics: Arc<ServiceMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +99,8 @@ pub enum OrderServiceError {
     },
     #[error(transparent)]
     Serve(#[from] grpc::ServeError),
+    #[error(transparent)]
+    Metrics(#[from] minimesh_runtime::metrics::MetricsError),
 }
 
 /// A channel to a peer service whose calls carry the caller's trace context.
@@ -128,6 +135,10 @@ impl Orders {
                 config.upstream_timeout,
             )?),
             step: config.fulfilment_step,
+            metrics: ServiceMetrics::new(
+                "minimesh_orders",
+                "Orders reaching each status (paid, shipped, delivered, cancelled).",
+            ),
         }))
     }
 
@@ -258,6 +269,7 @@ impl Orders {
             .ok_or_else(|| Status::not_found(format!("order {id} not found")))?;
         if moved {
             self.feed.nudge();
+            self.metrics.count(status::metric_name(order.status));
             tracing::info!(order_id = %id, status = status::name(order.status), "order settled");
         }
         Ok(order)
@@ -317,6 +329,7 @@ impl Orders {
                 continue;
             }
             self.feed.nudge();
+            self.metrics.count(status::metric_name(status::CANCELLED));
             tracing::info!(order_id = %id, refund, "order cancelled");
             if refund && self.refund(&id, &cancelled.payment_id).await {
                 self.store
@@ -598,6 +611,9 @@ pub async fn serve(
         source,
     })?;
     let orders = Orders::new(store, &config).await?;
+    let _metrics =
+        minimesh_runtime::metrics::listen(config.metrics_listen.as_deref(), orders.metrics.clone())
+            .await?;
     let worker = worker::spawn(orders.clone(), config.fulfilment_step);
     let result = grpc::serve(listener, service(orders), shutdown).await;
     worker.abort();

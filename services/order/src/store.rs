@@ -56,6 +56,18 @@ pub mod status {
         status == DELIVERED || status == CANCELLED
     }
 
+    /// Lower-case label value for metrics.
+    pub fn metric_name(status: i32) -> &'static str {
+        match status {
+            PENDING => "pending",
+            PAID => "paid",
+            SHIPPED => "shipped",
+            DELIVERED => "delivered",
+            CANCELLED => "cancelled",
+            _ => "unspecified",
+        }
+    }
+
     pub fn name(status: i32) -> &'static str {
         match status {
             PENDING => "PENDING",
@@ -426,13 +438,13 @@ impl OrderStore {
     }
 
     /// Moves every order whose fulfilment step is due one step on
-    /// (PAID → SHIPPED → DELIVERED). Returns how many moved.
+    /// (PAID → SHIPPED → DELIVERED). Returns the statuses they moved to.
     pub async fn advance_due(
         &self,
         now_ms: i64,
         step_ms: i64,
         batch: u32,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Vec<i32>, StoreError> {
         // Look before taking the write lock: most ticks find nothing due, and
         // replicas sharing the file should not serialise on empty passes.
         let any_due = self
@@ -449,7 +461,7 @@ impl OrderStore {
             })
             .await?;
         if !any_due {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         self.db
             .write(move |tx| {
@@ -461,7 +473,7 @@ impl OrderStore {
                     stmt.query_map(params![now_ms, batch], |r| Ok((r.get(0)?, r.get(1)?)))?
                         .collect::<Result<_, _>>()?
                 };
-                let mut moved = 0;
+                let mut moved = Vec::new();
                 for (id, from) in due {
                     let (to, next) = match from {
                         status::PAID => (status::SHIPPED, Some(now_ms + step_ms)),
@@ -484,7 +496,7 @@ impl OrderStore {
                         refund_pending: false,
                     };
                     if apply(tx, &id, &t, now_ms)? {
-                        moved += 1;
+                        moved.push(to);
                     }
                 }
                 Ok(moved)
@@ -623,14 +635,20 @@ mod tests {
 
         assert_eq!(
             store.advance_due(5, 10, 10).await.unwrap(),
-            0,
+            Vec::<i32>::new(),
             "not due yet"
         );
-        assert_eq!(store.advance_due(10, 10, 10).await.unwrap(), 1);
-        assert_eq!(store.advance_due(20, 10, 10).await.unwrap(), 1);
+        assert_eq!(
+            store.advance_due(10, 10, 10).await.unwrap(),
+            [status::SHIPPED]
+        );
+        assert_eq!(
+            store.advance_due(20, 10, 10).await.unwrap(),
+            [status::DELIVERED]
+        );
         assert_eq!(
             store.advance_due(1000, 10, 10).await.unwrap(),
-            0,
+            Vec::<i32>::new(),
             "delivered is final"
         );
 

@@ -8,6 +8,7 @@
 //! advancing twice.
 
 use crate::Orders;
+use crate::store::status;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,9 +32,12 @@ pub fn spawn(orders: Arc<Orders>, step: Duration) -> tokio::task::JoinHandle<()>
                 .advance_due(minimesh_runtime::now_millis(), step_ms, BATCH)
                 .await
             {
-                Ok(0) => {}
+                Ok(moved) if moved.is_empty() => {}
                 Ok(moved) => {
-                    tracing::debug!(moved, "fulfilment advanced orders");
+                    tracing::debug!(moved = moved.len(), "fulfilment advanced orders");
+                    for status in moved {
+                        orders.metrics.count(status::metric_name(status));
+                    }
                     orders.feed.nudge();
                 }
                 Err(err) => tracing::warn!(%err, "fulfilment pass failed"),

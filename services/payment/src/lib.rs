@@ -10,6 +10,7 @@ use minimesh_proto::payment::v1::{
     charge_result,
 };
 use minimesh_runtime::grpc;
+use minimesh_runtime::metrics::ServiceMetrics;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -31,6 +32,9 @@ pub struct PaymentConfig {
     /// Charges above this many minor units are declined.
     #[arg(long, env = "MINIMESH_CHARGE_LIMIT_CENTS", default_value_t = 100_000)]
     pub charge_limit_cents: i64,
+    /// Prometheus `/metrics` listener (business counters); none when unset.
+    #[arg(long, env = "MINIMESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Test-only: delay every Charge by this long (to exercise load balancing).
     #[arg(long, env = "MINIMESH_DEBUG_DELAY", value_parser = humantime::parse_duration, hide = true)]
     pub debug_delay: Option<Duration>,
@@ -42,6 +46,7 @@ const STREAM_BUFFER: usize = 32;
 
 pub struct PaymentApi<S> {
     store: Arc<S>,
+    metrics: Arc<ServiceMetrics>,
     charge_limit_cents: i64,
     debug_delay: Option<Duration>,
 }
@@ -50,9 +55,14 @@ impl<S: PaymentStore> PaymentApi<S> {
     pub fn new(store: S, charge_limit_cents: i64) -> Self {
         Self {
             store: Arc::new(store),
+            metrics: payment_metrics(),
             charge_limit_cents,
             debug_delay: None,
         }
+    }
+
+    pub fn metrics(&self) -> Arc<ServiceMetrics> {
+        self.metrics.clone()
     }
 
     pub fn with_debug_delay(mut self, delay: Option<Duration>) -> Self {
@@ -125,6 +135,23 @@ pub fn to_proto(record: PaymentRecord) -> Payment {
     }
 }
 
+/// The counter family of this service: payments by outcome.
+pub fn payment_metrics() -> Arc<ServiceMetrics> {
+    ServiceMetrics::new(
+        "minimesh_payments",
+        "Payments created, by outcome (captured or declined).",
+    )
+}
+
+fn status_name(status: i32) -> &'static str {
+    match status {
+        store::CAPTURED => "captured",
+        store::DECLINED => "declined",
+        store::REFUNDED => "refunded",
+        _ => "unspecified",
+    }
+}
+
 fn store_status(err: StoreError) -> Status {
     match err {
         StoreError::KeyReused(_) => Status::already_exists(err.to_string()),
@@ -139,11 +166,15 @@ fn store_status(err: StoreError) -> Status {
 
 async fn charge<S: PaymentStore>(
     store: &S,
+    metrics: &ServiceMetrics,
     req: ChargeRequest,
     limit: i64,
 ) -> Result<Payment, Status> {
     let charge = validate_charge(req, limit)?;
-    let record = store.charge(charge).await.map_err(store_status)?;
+    let (record, created) = store.charge(charge).await.map_err(store_status)?;
+    if created {
+        metrics.count(status_name(record.status));
+    }
     tracing::info!(payment_id = %record.id, order_id = %record.order_id, status = record.status, "charge");
     Ok(to_proto(record))
 }
@@ -159,6 +190,7 @@ impl<S: PaymentStore> PaymentService for PaymentApi<S> {
         }
         let payment = charge(
             self.store.as_ref(),
+            &self.metrics,
             request.into_inner(),
             self.charge_limit_cents,
         )
@@ -198,6 +230,7 @@ impl<S: PaymentStore> PaymentService for PaymentApi<S> {
     ) -> Result<Response<Self::ChargeStreamStream>, Status> {
         let mut requests = request.into_inner();
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         let limit = self.charge_limit_cents;
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         // Requests are handled one at a time so results come back in order;
@@ -206,7 +239,7 @@ impl<S: PaymentStore> PaymentService for PaymentApi<S> {
             let mut index = 0u64;
             while let Some(next) = requests.next().await {
                 let result = match next {
-                    Ok(req) => match charge(store.as_ref(), req, limit).await {
+                    Ok(req) => match charge(store.as_ref(), &metrics, req, limit).await {
                         Ok(payment) => charge_result::Result::Payment(payment),
                         Err(status) => charge_result::Result::Error(ChargeError {
                             code: status.code() as i32,
@@ -250,6 +283,8 @@ pub enum PaymentServiceError {
     },
     #[error(transparent)]
     Serve(#[from] grpc::ServeError),
+    #[error(transparent)]
+    Metrics(#[from] minimesh_runtime::metrics::MetricsError),
 }
 
 /// Runs the payment service on `listener` until `shutdown` resolves.
@@ -264,6 +299,8 @@ pub async fn serve(
     })?;
     let api =
         PaymentApi::new(store, config.charge_limit_cents).with_debug_delay(config.debug_delay);
+    let _metrics =
+        minimesh_runtime::metrics::listen(config.metrics_listen.as_deref(), api.metrics()).await?;
     grpc::serve(listener, service(api), shutdown).await?;
     Ok(())
 }

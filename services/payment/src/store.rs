@@ -69,11 +69,12 @@ impl From<rusqlite::Error> for StoreError {
 /// What the payment service needs from its storage.
 pub trait PaymentStore: Send + Sync + 'static {
     /// Stores a charge, or returns the payment an earlier charge with the same
-    /// idempotency key made (checked and inserted in one transaction).
+    /// idempotency key made (checked and inserted in one transaction). The
+    /// flag is true when this call created the payment.
     fn charge(
         &self,
         charge: NewCharge,
-    ) -> impl Future<Output = Result<PaymentRecord, StoreError>> + Send;
+    ) -> impl Future<Output = Result<(PaymentRecord, bool), StoreError>> + Send;
     /// Marks a captured payment refunded; refunding twice is a no-op.
     fn refund(&self, id: String) -> impl Future<Output = Result<PaymentRecord, StoreError>> + Send;
     fn get(
@@ -131,7 +132,7 @@ fn select_by(
 }
 
 impl PaymentStore for SqlitePaymentStore {
-    async fn charge(&self, charge: NewCharge) -> Result<PaymentRecord, StoreError> {
+    async fn charge(&self, charge: NewCharge) -> Result<(PaymentRecord, bool), StoreError> {
         self.db
             .write(move |tx| {
                 if let Some(key) = &charge.idempotency_key
@@ -142,7 +143,7 @@ impl PaymentStore for SqlitePaymentStore {
                         && existing.amount_cents == charge.amount_cents
                         && existing.currency == charge.currency;
                     return if same {
-                        Ok(existing)
+                        Ok((existing, false))
                     } else {
                         Err(StoreError::KeyReused(key.clone()))
                     };
@@ -178,7 +179,7 @@ impl PaymentStore for SqlitePaymentStore {
                         now
                     ],
                 )?;
-                Ok(record)
+                Ok((record, true))
             })
             .await
     }
@@ -238,19 +239,21 @@ mod tests {
     #[tokio::test]
     async fn same_key_same_payment_and_different_content_is_refused() {
         let store = SqlitePaymentStore::in_memory().unwrap();
-        let first = store.charge(charge(Some("k"), 500)).await.unwrap();
-        let again = store.charge(charge(Some("k"), 500)).await.unwrap();
+        let (first, created) = store.charge(charge(Some("k"), 500)).await.unwrap();
+        assert!(created);
+        let (again, created_again) = store.charge(charge(Some("k"), 500)).await.unwrap();
+        assert!(!created_again);
         assert_eq!(first, again);
         let err = store.charge(charge(Some("k"), 501)).await.unwrap_err();
         assert!(matches!(err, StoreError::KeyReused(_)));
-        let other = store.charge(charge(None, 500)).await.unwrap();
+        let (other, _) = store.charge(charge(None, 500)).await.unwrap();
         assert_ne!(other.id, first.id);
     }
 
     #[tokio::test]
     async fn refund_is_idempotent_and_declined_is_not_refundable() {
         let store = SqlitePaymentStore::in_memory().unwrap();
-        let paid = store.charge(charge(None, 500)).await.unwrap();
+        let (paid, _) = store.charge(charge(None, 500)).await.unwrap();
         assert_eq!(
             store.refund(paid.id.clone()).await.unwrap().status,
             REFUNDED
@@ -261,7 +264,8 @@ mod tests {
         );
         let mut declined = charge(None, 500);
         declined.decline_reason = Some("too much".into());
-        let declined = store.charge(declined).await.unwrap();
+        let (declined, _) = store.charge(declined).await.unwrap();
+
         assert!(matches!(
             store.refund(declined.id).await,
             Err(StoreError::NotRefundable(_))

@@ -3,6 +3,7 @@
 pub mod db;
 pub mod grpc;
 pub mod logging;
+pub mod metrics;
 pub mod page;
 pub mod shutdown;
 pub mod telemetry;

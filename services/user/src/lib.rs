@@ -8,9 +8,11 @@ use minimesh_proto::user::v1::user_service_server::{UserService, UserServiceServ
 use minimesh_proto::user::v1::{
     CreateUserRequest, GetUserRequest, ListUsersRequest, ListUsersResponse, User,
 };
+use minimesh_runtime::metrics::ServiceMetrics;
 use minimesh_runtime::{grpc, page};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -23,6 +25,9 @@ pub struct UserConfig {
     /// SQLite database file; created with its schema when missing.
     #[arg(long, env = "MINIMESH_DB", default_value = "user.db")]
     pub db: PathBuf,
+    /// Prometheus `/metrics` listener (business counters); none when unset.
+    #[arg(long, env = "MINIMESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 const MAX_EMAIL_LEN: usize = 254;
@@ -30,11 +35,12 @@ const MAX_NAME_CHARS: usize = 200;
 
 pub struct UserApi<S> {
     store: S,
+    metrics: Arc<ServiceMetrics>,
 }
 
 impl<S: UserStore> UserApi<S> {
-    pub fn new(store: S) -> Self {
-        Self { store }
+    pub fn new(store: S, metrics: Arc<ServiceMetrics>) -> Self {
+        Self { store, metrics }
     }
 }
 
@@ -113,6 +119,7 @@ impl<S: UserStore> UserService for UserApi<S> {
             .create(email, name.to_owned())
             .await
             .map_err(store_status)?;
+        self.metrics.count("created");
         tracing::info!(user_id = %record.id, "user created");
         Ok(Response::new(to_proto(record)))
     }
@@ -157,8 +164,11 @@ impl<S: UserStore> UserService for UserApi<S> {
 }
 
 /// The tonic service with the project's message size limits.
-pub fn service<S: UserStore>(store: S) -> UserServiceServer<UserApi<S>> {
-    UserServiceServer::new(UserApi::new(store))
+pub fn service<S: UserStore>(
+    store: S,
+    metrics: Arc<ServiceMetrics>,
+) -> UserServiceServer<UserApi<S>> {
+    UserServiceServer::new(UserApi::new(store, metrics))
         .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
 }
@@ -172,6 +182,8 @@ pub enum UserServiceError {
     },
     #[error(transparent)]
     Serve(#[from] grpc::ServeError),
+    #[error(transparent)]
+    Metrics(#[from] minimesh_runtime::metrics::MetricsError),
 }
 
 /// Runs the user service on `listener` until `shutdown` resolves.
@@ -184,7 +196,11 @@ pub async fn serve(
         path: config.db.clone(),
         source,
     })?;
-    grpc::serve(listener, service(store), shutdown).await?;
+    let metrics = ServiceMetrics::new("minimesh_users", "Users created.");
+    let _metrics =
+        minimesh_runtime::metrics::listen(config.metrics_listen.as_deref(), metrics.clone())
+            .await?;
+    grpc::serve(listener, service(store, metrics), shutdown).await?;
     Ok(())
 }
 
