@@ -144,6 +144,40 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
     .await;
     assert_eq!(failed.status_code, STATUS_ERROR);
 
+    // A stream is one span, with its message counts.
+    let mut payments =
+        minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient::connect(
+            mesh.app_url("payment"),
+        )
+        .await
+        .unwrap();
+    let batch: Vec<_> = (0..3)
+        .map(|i| minimesh_proto::payment::v1::ChargeRequest {
+            order_id: format!("ord_stream_{i}"),
+            user_id: buyer.id.clone(),
+            amount_cents: 100,
+            currency: "EUR".into(),
+            idempotency_key: String::new(),
+        })
+        .collect();
+    let mut results = payments
+        .charge_stream(tokio_stream::iter(batch))
+        .await
+        .unwrap()
+        .into_inner();
+    while results.message().await.unwrap().is_some() {}
+    let stream_span = eventually(Duration::from_secs(30), "ChargeStream span", || {
+        let spans = collector.spans();
+        async move {
+            spans.into_iter().find(|s| {
+                s.name == "shop.payment.v1.PaymentService/ChargeStream" && s.kind == SERVER
+            })
+        }
+    })
+    .await;
+    assert_eq!(stream_span.attr("rpc.request.messages"), Some("3"));
+    assert_eq!(stream_span.attr("rpc.response.messages"), Some("3"));
+
     // A log line written while handling the call carries its trace id.
     let trace_hex: String = trace.iter().map(|b| format!("{b:02x}")).collect();
     let log = std::fs::read_to_string(dir.path().join("logs/order-0.log")).unwrap();

@@ -11,6 +11,7 @@ use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use opentelemetry::propagation::{Extractor, Injector};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -118,12 +119,21 @@ pub fn rpc_span(kind: Kind, path: &str) -> Span {
         Kind::Server => tracing::info_span!("rpc.server", otel.name = %name, otel.kind = "server",
             rpc.system = "grpc", rpc.service = %service, rpc.method = %method,
             rpc.grpc.status_code = Empty, otel.status_code = Empty, otel.status_description = Empty,
+            rpc.request.messages = Empty, rpc.response.messages = Empty,
             trace_id = Empty, span_id = Empty),
         Kind::Client => tracing::info_span!("rpc.client", otel.name = %name, otel.kind = "client",
             rpc.system = "grpc", rpc.service = %service, rpc.method = %method,
             rpc.grpc.status_code = Empty, otel.status_code = Empty, otel.status_description = Empty,
+            rpc.request.messages = Empty, rpc.response.messages = Empty,
             trace_id = Empty, span_id = Empty),
     }
+}
+
+fn record_messages(span: &Span, requests: &Mutex<GrpcFrames>, responses: &GrpcFrames) {
+    if let Ok(requests) = requests.lock() {
+        span.record("rpc.request.messages", requests.messages());
+    }
+    span.record("rpc.response.messages", responses.messages());
 }
 
 /// Records the final gRPC status on `span`.
@@ -166,10 +176,98 @@ fn percent_decode(raw: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Counts gRPC messages in a body by reading the 5-byte length prefixes,
+/// whatever way the bytes are split into frames.
+#[derive(Debug, Default, Clone)]
+pub struct GrpcFrames {
+    header: [u8; 5],
+    header_len: usize,
+    remaining: u64,
+    messages: u64,
+}
+
+impl GrpcFrames {
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining.min(data.len() as u64)) as usize;
+                data = &data[n..];
+                self.remaining -= n as u64;
+                continue;
+            }
+            let n = (5 - self.header_len).min(data.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+            self.header_len += n;
+            data = &data[n..];
+            if self.header_len == 5 {
+                self.messages += 1;
+                self.remaining = u64::from(u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]));
+                self.header_len = 0;
+            }
+        }
+    }
+
+    pub fn feed_buf(&mut self, buf: &impl bytes::Buf) {
+        let mut slices = [std::io::IoSlice::new(&[]); 16];
+        let filled = buf.chunks_vectored(&mut slices);
+        for slice in &slices[..filled] {
+            self.feed(slice);
+        }
+    }
+
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that counts the gRPC messages passing through it.
+    pub struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        frames: Arc<Mutex<GrpcFrames>>,
+    }
+}
+
+impl<B: Body> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && let Ok(mut frames) = this.frames.lock()
+        {
+            frames.feed_buf(data);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for RpcTrace<S>
 where
-    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: tower::Service<Request<tonic::body::Body>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
+    ReqBody: Body<Data = bytes::Bytes> + Send + 'static,
+    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response<TracedBody<ResBody>>;
     type Error = S::Error;
@@ -186,6 +284,14 @@ where
             Kind::Client => inject_trace(&span, request.headers_mut()),
         }
         record_ids(&span);
+        let requests = Arc::new(Mutex::new(GrpcFrames::default()));
+        let counted = requests.clone();
+        let request = request.map(|body| {
+            tonic::body::Body::new(CountedBody {
+                inner: body,
+                frames: counted,
+            })
+        });
         let future = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
             let response = future.await?;
@@ -198,6 +304,8 @@ where
                 inner: body,
                 span: Some(span),
                 finished: finished.is_some(),
+                requests,
+                responses: GrpcFrames::default(),
             }))
         })
     }
@@ -211,6 +319,8 @@ pin_project_lite::pin_project! {
         inner: B,
         span: Option<Span>,
         finished: bool,
+        requests: Arc<Mutex<GrpcFrames>>,
+        responses: GrpcFrames,
     }
 
     impl<B> PinnedDrop for TracedBody<B> {
@@ -221,6 +331,9 @@ pin_project_lite::pin_project! {
             {
                 // Dropped before a status arrived: the caller cancelled.
                 record_status(span, 1, Some("cancelled"));
+            }
+            if let Some(span) = this.span.as_ref() {
+                record_messages(span, this.requests, this.responses);
             }
         }
     }
@@ -238,6 +351,9 @@ impl<B: Body> Body for TracedBody<B> {
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.responses.feed_buf(data);
+                }
                 if let Some(trailers) = frame.trailers_ref()
                     && let (Some(span), Some((code, message))) =
                         (this.span.as_ref(), status_in(trailers))
@@ -254,7 +370,9 @@ impl<B: Body> Body for TracedBody<B> {
                 *this.finished = true;
             }
             Poll::Ready(None) => {
-                this.span.take();
+                if let Some(span) = this.span.take() {
+                    record_messages(&span, this.requests, this.responses);
+                }
             }
             Poll::Pending => {}
         }
@@ -281,6 +399,23 @@ mod tests {
             ("shop.order.v1.OrderService", "CreateOrder")
         );
         assert_eq!(split_path("/weird"), ("weird", ""));
+    }
+
+    #[test]
+    fn grpc_frames_are_counted_across_splits() {
+        let mut wire = Vec::new();
+        for payload in [&b"abc"[..], b"", &[7u8; 300][..]] {
+            wire.push(0);
+            wire.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            wire.extend_from_slice(payload);
+        }
+        for split in [1, 2, 3, 5, 7, 64, wire.len()] {
+            let mut frames = GrpcFrames::default();
+            for chunk in wire.chunks(split) {
+                frames.feed(chunk);
+            }
+            assert_eq!(frames.messages(), 3, "split {split}");
+        }
     }
 
     #[test]
