@@ -126,6 +126,8 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
             ("minimesh-order", CLIENT, span.name.as_str())
         );
     }
+    // `cargo test --test tracing -- --nocapture` prints the tree shown in README.
+    eprintln!("{}", render_tree(&spans));
     assert_eq!(root.attr("rpc.system"), Some("grpc"));
     assert_eq!(root.attr("rpc.service"), Some("shop.order.v1.OrderService"));
     assert_eq!(root.attr("rpc.method"), Some("CreateOrder"));
@@ -282,4 +284,27 @@ async fn collector_down_calls_unaffected_and_dropped_spans_counted() {
         1
     );
     assert!(mesh.terminate().await.success());
+}
+
+/// Renders a trace as an indented tree, children in start order.
+fn render_tree(spans: &[SpanRecord]) -> String {
+    fn walk(spans: &[SpanRecord], parent: &[u8], depth: usize, out: &mut String) {
+        for span in spans.iter().filter(|s| s.parent_span_id == parent) {
+            let kind = if span.kind == SERVER {
+                "SERVER"
+            } else {
+                "CLIENT"
+            };
+            out.push_str(&format!(
+                "{}{} {kind} {}\n",
+                "  ".repeat(depth),
+                span.service,
+                span.name
+            ));
+            walk(spans, &span.span_id, depth + 1, out);
+        }
+    }
+    let mut out = String::new();
+    walk(spans, &[], 0, &mut out);
+    out
 }
