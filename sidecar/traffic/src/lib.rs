@@ -1,0 +1,17 @@
+//! Traffic policy of the minimesh proxy, one concern per module, each
+//! testable without sockets:
+//!
+//! - [`discover`]: endpoint sets from a static list or DNS names re-resolved
+//!   on an interval, as add/remove changes.
+//! - [`balance`]: power of two choices over peak-EWMA latency, skipping
+//!   ejected endpoints and the ones a retry must avoid.
+//! - [`eject`]: consecutive-failure ejection with a growing, jittered back-off
+//!   and a single probe to come back.
+//! - [`retry`]: which attempts may be retried, and the retry budget.
+//! - [`deadline`]: `grpc-timeout` parsing, formatting and propagation.
+
+pub mod balance;
+pub mod deadline;
+pub mod discover;
+pub mod eject;
+pub mod retry;
