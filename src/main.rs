@@ -29,6 +29,9 @@ enum Command {
     Up(up::UpArgs),
     /// Run one service.
     Service(ServiceArgs),
+    /// The mesh CA: create it, issue identities.
+    #[command(subcommand)]
+    Certs(minimesh_certs::CertsCommand),
 }
 
 #[derive(clap::Args)]
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Service(service) => run_service(service).await,
+            Command::Certs(command) => Ok(minimesh_certs::run(command)?),
         }
     })
 }

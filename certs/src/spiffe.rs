@@ -1,0 +1,134 @@
+//! SPIFFE identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<name>`.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpiffeError {
+    #[error("{0:?} is not a SPIFFE id of the form spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/NAME")]
+    Malformed(String),
+    #[error("{0:?} may only hold lower-case letters, digits, '-', '.' and '_'")]
+    BadSegment(String),
+    #[error("the certificate carries no SPIFFE URI SAN")]
+    Missing,
+    #[error("the certificate could not be parsed: {0}")]
+    Certificate(String),
+}
+
+fn check_segment(segment: &str) -> Result<(), SpiffeError> {
+    let ok = !segment.is_empty()
+        && segment.len() <= 253
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpiffeError::BadSegment(segment.to_owned()))
+    }
+}
+
+impl SpiffeId {
+    pub fn new(trust_domain: &str, namespace: &str, name: &str) -> Result<Self, SpiffeError> {
+        for segment in [trust_domain, namespace, name] {
+            check_segment(segment)?;
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl std::str::FromStr for SpiffeId {
+    type Err = SpiffeError;
+
+    fn from_str(uri: &str) -> Result<Self, SpiffeError> {
+        let malformed = || SpiffeError::Malformed(uri.to_owned());
+        let rest = uri.strip_prefix("spiffe://").ok_or_else(malformed)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [td, "ns", ns, "sa", name] => Self::new(td, ns, name),
+            _ => Err(malformed()),
+        }
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.name
+        )
+    }
+}
+
+/// The SPIFFE id in a DER certificate's URI SANs.
+pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, SpiffeError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| SpiffeError::Certificate(e.to_string()))?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| SpiffeError::Certificate(e.to_string()))?
+        .ok_or(SpiffeError::Missing)?;
+    sans.value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                Some(uri.parse())
+            }
+            _ => None,
+        })
+        .ok_or(SpiffeError::Missing)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        let id: SpiffeId = "spiffe://minimesh.local/ns/default/sa/order"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            id,
+            SpiffeId::new("minimesh.local", "default", "order").unwrap()
+        );
+        assert_eq!(
+            id.to_string(),
+            "spiffe://minimesh.local/ns/default/sa/order"
+        );
+    }
+
+    #[test]
+    fn rejects_other_shapes() {
+        for bad in [
+            "https://minimesh.local/ns/default/sa/order",
+            "spiffe://minimesh.local/order",
+            "spiffe://minimesh.local/ns/default/sa/order/extra",
+            "spiffe://minimesh.local/ns//sa/order",
+            "spiffe://Minimesh.local/ns/default/sa/order",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn garbage_certificate_is_an_error_not_a_panic() {
+        assert!(matches!(
+            spiffe_id_of(&[0x30, 0x03, 0x01, 0x02]),
+            Err(SpiffeError::Certificate(_))
+        ));
+        assert!(spiffe_id_of(&[]).is_err());
+    }
+}
