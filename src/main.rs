@@ -29,6 +29,10 @@ enum Command {
     Up(up::UpArgs),
     /// Run one service.
     Service(ServiceArgs),
+    /// The sidecar proxy beside one service instance.
+    Sidecar(ProxyArgs<minimesh_sidecar::SidecarArgs>),
+    /// The edge proxy: callers outside the mesh in, mTLS into the mesh.
+    Gateway(ProxyArgs<minimesh_sidecar::GatewayArgs>),
     /// The mesh CA: create it, issue identities.
     #[command(subcommand)]
     Certs(minimesh_certs::CertsCommand),
@@ -53,6 +57,54 @@ struct TelemetryArgs {
     replica: u32,
 }
 
+#[derive(clap::Args)]
+struct ProxyArgs<T: clap::Args> {
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+    #[command(flatten)]
+    proxy: T,
+}
+
+async fn run_sidecar(args: ProxyArgs<minimesh_sidecar::SidecarArgs>) -> anyhow::Result<()> {
+    let service = args
+        .proxy
+        .service
+        .clone()
+        .unwrap_or_else(|| "unknown".to_owned());
+    let telemetry = telemetry::init(
+        &format!("minimesh-sidecar-{service}"),
+        args.telemetry.otlp_endpoint.as_deref(),
+        vec![
+            KeyValue::new("minimesh.service", service.clone()),
+            KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
+            KeyValue::new("service.version", VERSION),
+        ],
+    )?;
+    if std::env::var_os(up::SUPERVISED_ENV).is_some() {
+        shutdown::die_with_parent();
+    }
+    let result = minimesh_sidecar::run_sidecar(args.proxy, shutdown::signal()).await;
+    telemetry.shutdown();
+    Ok(result?)
+}
+
+async fn run_gateway(args: ProxyArgs<minimesh_sidecar::GatewayArgs>) -> anyhow::Result<()> {
+    let telemetry = telemetry::init(
+        "minimesh-gateway",
+        args.telemetry.otlp_endpoint.as_deref(),
+        vec![
+            KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
+            KeyValue::new("service.version", VERSION),
+        ],
+    )?;
+    if std::env::var_os(up::SUPERVISED_ENV).is_some() {
+        shutdown::die_with_parent();
+    }
+    let result = minimesh_sidecar::run_gateway(args.proxy, shutdown::signal()).await;
+    telemetry.shutdown();
+    Ok(result?)
+}
+
 #[derive(Subcommand)]
 enum ServiceCommand {
     /// Accounts: shop.user.v1.UserService.
@@ -74,6 +126,8 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => up::run(args).await,
             Command::Service(service) => run_service(service).await,
             Command::Certs(command) => Ok(minimesh_certs::run(command)?),
+            Command::Sidecar(args) => run_sidecar(args).await,
+            Command::Gateway(args) => run_gateway(args).await,
         }
     })
 }

@@ -77,14 +77,22 @@ fn parse_replicas(raw: &str) -> Result<Replicas, String> {
     Ok(Replicas(map))
 }
 
+/// How `up` tells that a child is ready.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    /// gRPC health SERVING at this address (services).
+    Grpc(SocketAddr),
+    /// HTTP 200 from `/ready` at this admin address (sidecars, gateway).
+    Ready(SocketAddr),
+}
+
 /// One supervised process: how to start it and where it is now.
 struct Child {
     name: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
-    /// Address whose gRPC health must be SERVING for the child to count as ready.
-    health_addr: SocketAddr,
+    probe: Probe,
     pid: Option<u32>,
     generation: u64,
     started: Instant,
@@ -93,12 +101,45 @@ struct Child {
     restart_at: Option<Instant>,
 }
 
+impl Child {
+    fn new(
+        name: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        logs: &Path,
+        probe: Probe,
+    ) -> Self {
+        Self {
+            log: logs.join(format!("{name}.log")),
+            name,
+            args,
+            env,
+            probe,
+            pid: None,
+            generation: 0,
+            started: Instant::now(),
+            restarts: 0,
+            restart_at: None,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct MeshFile {
     trust_domain: &'static str,
     ca_dir: PathBuf,
     version: &'static str,
+    gateway: GatewayEntry,
     instances: Vec<InstanceEntry>,
+}
+
+#[derive(Serialize)]
+struct GatewayEntry {
+    addr: String,
+    admin: String,
+    pid: u32,
+    identity: String,
+    log: PathBuf,
 }
 
 #[derive(Serialize)]
@@ -109,8 +150,14 @@ struct InstanceEntry {
     app: String,
     /// The service's own Prometheus `/metrics` (business counters, span export counts).
     metrics: String,
+    sidecar_pid: u32,
+    inbound: String,
+    outbound: String,
+    admin: String,
+    identity: String,
     db: PathBuf,
     log: PathBuf,
+    sidecar_log: PathBuf,
 }
 
 struct Instance {
@@ -118,8 +165,12 @@ struct Instance {
     replica: u16,
     app: SocketAddr,
     metrics: SocketAddr,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
     db: PathBuf,
     child: usize,
+    sidecar: usize,
 }
 
 /// Reserves a free loopback port. The socket is closed again right away; the
@@ -128,6 +179,51 @@ fn free_port() -> anyhow::Result<SocketAddr> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
     listener.local_addr().context("reading a reserved port")
+}
+
+/// Who may call whom: order accepts the gateway; user and payment accept
+/// order and the gateway (CONTRACT §3).
+fn default_allow(service: &str) -> &'static str {
+    match service {
+        "order" => "gateway",
+        _ => "order,gateway",
+    }
+}
+
+fn identity(name: &str) -> String {
+    format!(
+        "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{name}",
+        minimesh_certs::DEFAULT_NAMESPACE
+    )
+}
+
+/// Creates the CA once and issues a fresh certificate for every identity.
+fn prepare_certs(certs: &Path) -> anyhow::Result<()> {
+    if !certs.join(minimesh_certs::CA_CERT).exists() {
+        minimesh_certs::init_ca(certs, 3650, false).context("creating the mesh CA")?;
+    }
+    for name in SERVICES.iter().copied().chain(["gateway"]) {
+        let request = minimesh_certs::LeafRequest::new(name);
+        minimesh_certs::issue(certs, &request, &certs.join(name))
+            .with_context(|| format!("issuing the {name} identity"))?;
+    }
+    Ok(())
+}
+
+fn s(value: impl ToString) -> String {
+    value.to_string()
+}
+
+fn identity_flags(certs: &Path, name: &str) -> Vec<String> {
+    let dir = certs.join(name);
+    vec![
+        s("--ca"),
+        s(certs.join(minimesh_certs::CA_CERT).display()),
+        s("--cert"),
+        s(dir.join(format!("{name}.pem")).display()),
+        s("--key"),
+        s(dir.join(format!("{name}.key")).display()),
+    ]
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -140,90 +236,177 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("resolving data dir {}", args.data_dir.display()))?;
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let certs = data_dir.join("certs");
+    prepare_certs(&certs)?;
     let exe = std::env::current_exe().context("finding the minimesh binary")?;
 
     let mut children: Vec<Child> = Vec::new();
     let mut instances: Vec<Instance> = Vec::new();
-    let mut first_addr: BTreeMap<&str, SocketAddr> = BTreeMap::new();
     for service in SERVICES {
         for replica in 0..args.replicas.of(service) {
-            let app = free_port()?;
-            let metrics = free_port()?;
-            first_addr.entry(service).or_insert(app);
-            let db = data_dir.join(format!("{service}.db"));
-            let name = format!("{service}-{replica}");
-            let mut child_args = vec![
-                "service".to_owned(),
-                service.to_owned(),
-                "--listen".to_owned(),
-                app.to_string(),
-                "--db".to_owned(),
-                db.display().to_string(),
-                "--metrics-listen".to_owned(),
-                metrics.to_string(),
-            ];
-            if service == "order" {
-                // Until sidecars route between services, order calls replica 0 directly.
-                for (flag, peer) in [("--user-addr", "user"), ("--payment-addr", "payment")] {
-                    let addr = first_addr.get(peer).context("peers start before order")?;
-                    child_args.push(flag.to_owned());
-                    child_args.push(format!("http://{addr}"));
-                }
-                child_args.push("--fulfilment-step".to_owned());
-                child_args.push(args.fulfilment_step.clone());
-            }
-            let mut env = vec![("MINIMESH_REPLICA".to_owned(), replica.to_string())];
-            if let Some(endpoint) = &args.otlp_endpoint {
-                env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint.clone()));
-                env.push((
-                    "OTEL_SERVICE_NAME".to_owned(),
-                    format!("minimesh-{service}"),
-                ));
-            }
             instances.push(Instance {
                 service,
                 replica,
-                app,
-                metrics,
-                db,
-                child: children.len(),
-            });
-            children.push(Child {
-                log: logs.join(format!("{name}.log")),
-                name,
-                args: child_args,
-                env,
-                health_addr: app,
-                pid: None,
-                generation: 0,
-                started: Instant::now(),
-                restarts: 0,
-                restart_at: None,
+                app: free_port()?,
+                metrics: free_port()?,
+                inbound: free_port()?,
+                outbound: free_port()?,
+                admin: free_port()?,
+                db: data_dir.join(format!("{service}.db")),
+                child: 0,
+                sidecar: 0,
             });
         }
     }
+    let inbounds = |service: &str| -> String {
+        instances
+            .iter()
+            .filter(|i| i.service == service)
+            .map(|i| i.inbound.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let upstream_flags = |services: &[&str]| -> Vec<String> {
+        services
+            .iter()
+            .flat_map(|svc| [s("--upstream"), format!("{svc}={}", inbounds(svc))])
+            .collect()
+    };
+    let telemetry_env = |name: String, replica: u16| -> Vec<(String, String)> {
+        let mut env = vec![(s("MINIMESH_REPLICA"), replica.to_string())];
+        if let Some(endpoint) = &args.otlp_endpoint {
+            env.push((s("OTEL_EXPORTER_OTLP_ENDPOINT"), endpoint.clone()));
+            env.push((s("OTEL_SERVICE_NAME"), name));
+        }
+        env
+    };
+    let mut planned: Vec<(usize, Child, Child)> = Vec::new();
+    for (index, instance) in instances.iter().enumerate() {
+        let (service, replica) = (instance.service, instance.replica);
+        let mut service_args = vec![
+            s("service"),
+            s(service),
+            s("--listen"),
+            s(instance.app),
+            s("--db"),
+            s(instance.db.display()),
+            s("--metrics-listen"),
+            s(instance.metrics),
+        ];
+        if service == "order" {
+            // The order service reaches its peers only through its own sidecar.
+            let outbound = format!("http://{}", instance.outbound);
+            service_args.extend([
+                s("--user-addr"),
+                outbound.clone(),
+                s("--payment-addr"),
+                outbound,
+            ]);
+            service_args.extend([s("--fulfilment-step"), args.fulfilment_step.clone()]);
+        }
+        let mut sidecar_args = vec![
+            s("sidecar"),
+            s("--service"),
+            s(service),
+            s("--inbound"),
+            s(instance.inbound),
+            s("--outbound"),
+            s(instance.outbound),
+            s("--admin"),
+            s(instance.admin),
+            s("--app"),
+            s(instance.app),
+            s("--allow"),
+            s(default_allow(service)),
+        ];
+        sidecar_args.extend(identity_flags(&certs, service));
+        if service == "order" {
+            sidecar_args.extend(upstream_flags(&["user", "payment"]));
+        }
+        let name = format!("{service}-{replica}");
+        let app = Child::new(
+            name.clone(),
+            service_args,
+            telemetry_env(format!("minimesh-{service}"), replica),
+            &logs,
+            Probe::Grpc(instance.app),
+        );
+        let sidecar = Child::new(
+            format!("{name}-sidecar"),
+            sidecar_args,
+            telemetry_env(format!("minimesh-sidecar-{service}"), replica),
+            &logs,
+            Probe::Ready(instance.admin),
+        );
+        planned.push((index, app, sidecar));
+    }
+    let gateway_upstreams = upstream_flags(&SERVICES);
+    let gateway_addr = if args.gateway_addr.port() == 0 {
+        let listener = std::net::TcpListener::bind(SocketAddr::new(args.gateway_addr.ip(), 0))
+            .context("reserving the gateway port")?;
+        listener.local_addr().context("reading the gateway port")?
+    } else {
+        args.gateway_addr
+    };
+    let gateway_admin = free_port()?;
+    let mut gateway_args = vec![
+        s("gateway"),
+        s("--listen"),
+        s(gateway_addr),
+        s("--admin"),
+        s(gateway_admin),
+    ];
+    gateway_args.extend(identity_flags(&certs, "gateway"));
+    gateway_args.extend(gateway_upstreams);
+    for (index, app, sidecar) in planned {
+        instances[index].child = children.len();
+        children.push(app);
+        instances[index].sidecar = children.len();
+        children.push(sidecar);
+    }
+    let gateway_child = children.len();
+    children.push(Child::new(
+        s("gateway"),
+        gateway_args,
+        telemetry_env(s("minimesh-gateway"), 0),
+        &logs,
+        Probe::Ready(gateway_admin),
+    ));
 
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<(usize, u64, String)>();
     for (index, child) in children.iter_mut().enumerate() {
         spawn_child(&exe, child, index, &exits_tx)?;
     }
     let mesh_path = data_dir.join("mesh.json");
-    let ca_dir = data_dir.join("certs");
     let write_mesh = |children: &[Child]| -> anyhow::Result<()> {
+        let pid = |i: usize| children[i].pid.unwrap_or(0);
         let file = MeshFile {
             trust_domain: TRUST_DOMAIN,
-            ca_dir: ca_dir.clone(),
+            ca_dir: certs.clone(),
             version: crate::VERSION,
+            gateway: GatewayEntry {
+                addr: s(gateway_addr),
+                admin: s(gateway_admin),
+                pid: pid(gateway_child),
+                identity: identity("gateway"),
+                log: children[gateway_child].log.clone(),
+            },
             instances: instances
                 .iter()
                 .map(|i| InstanceEntry {
                     service: i.service,
                     replica: i.replica,
-                    pid: children[i.child].pid.unwrap_or(0),
-                    app: i.app.to_string(),
-                    metrics: i.metrics.to_string(),
+                    pid: pid(i.child),
+                    app: s(i.app),
+                    metrics: s(i.metrics),
+                    sidecar_pid: pid(i.sidecar),
+                    inbound: s(i.inbound),
+                    outbound: s(i.outbound),
+                    admin: s(i.admin),
+                    identity: identity(i.service),
                     db: i.db.clone(),
                     log: children[i.child].log.clone(),
+                    sidecar_log: children[i.sidecar].log.clone(),
                 })
                 .collect(),
         };
@@ -246,13 +429,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "mesh ready: gateway {} (services: {}; details in {})",
-        args.gateway_addr,
-        instances
-            .iter()
-            .map(|i| format!("{}-{}={}", i.service, i.replica, i.app))
-            .collect::<Vec<_>>()
-            .join(" "),
+        "mesh ready: gateway {gateway_addr} ({} instances; details in {})",
+        instances.len(),
         mesh_path.display()
     );
 
@@ -355,13 +533,16 @@ fn spawn_child(
     Ok(())
 }
 
-/// Waits until every child's gRPC health reports SERVING.
+/// Waits until every child reports ready.
 async fn wait_ready(children: &[Child]) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     for child in children {
-        let url = format!("http://{}", child.health_addr);
         loop {
-            if serving(&url).await {
+            let ready = match child.probe {
+                Probe::Grpc(addr) => serving(&format!("http://{addr}")).await,
+                Probe::Ready(addr) => http_ready(addr).await,
+            };
+            if ready {
                 break;
             }
             if Instant::now() > deadline {
@@ -375,6 +556,28 @@ async fn wait_ready(children: &[Child]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// GET /ready on an admin listener answers 200.
+async fn http_ready(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(
+                format!("GET /ready HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Some(true))
+    )
 }
 
 pub async fn serving(url: &str) -> bool {

@@ -19,19 +19,19 @@ const STATUS_ERROR: i32 = 2;
 async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
     let (collector, url) = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
-    // SAFETY-free alternative to set_var: the supervisor passes its env on.
     let mesh = start_mesh_with_env(
         dir.path(),
         &["--otlp-endpoint", &url, "--fulfilment-step", "1h"],
         &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
     )
     .await;
-    let mut users = UserServiceClient::connect(mesh.app_url("user"))
-        .await
-        .unwrap();
-    let mut orders = OrderServiceClient::connect(mesh.app_url("order"))
-        .await
-        .unwrap();
+    // Everything goes through the gateway, as a user's client would.
+    let gateway = format!(
+        "http://{}",
+        mesh.mesh_json()["gateway"]["addr"].as_str().unwrap()
+    );
+    let mut users = UserServiceClient::connect(gateway.clone()).await.unwrap();
+    let mut orders = OrderServiceClient::connect(gateway.clone()).await.unwrap();
     let buyer = new_user(&mut users).await;
     let order = place_order(&mut orders, &buyer.id).await;
     let declined = orders
@@ -45,30 +45,22 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
         .unwrap_err();
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
 
-    // The CreateOrder server span is the root of the order's trace.
-    let root = eventually(
-        Duration::from_secs(30),
-        "CreateOrder root span exported",
-        || {
-            let spans = collector.spans();
-            async move {
-                spans.into_iter().find(|s| {
-                    s.service == "minimesh-order"
-                        && s.name == "shop.order.v1.OrderService/CreateOrder"
-                        && s.parent_span_id.is_empty()
-                })
-            }
-        },
-    )
-    .await;
-    let trace = root.trace_id.clone();
+    let create = "shop.order.v1.OrderService/CreateOrder";
     let expected = [
+        ("minimesh-gateway", create, SERVER),
+        ("minimesh-sidecar-order", create, SERVER),
+        ("minimesh-order", create, SERVER),
+        ("minimesh-order", "shop.user.v1.UserService/GetUser", CLIENT),
         (
-            "minimesh-order",
-            "shop.order.v1.OrderService/CreateOrder",
+            "minimesh-sidecar-order",
+            "shop.user.v1.UserService/GetUser",
+            CLIENT,
+        ),
+        (
+            "minimesh-sidecar-user",
+            "shop.user.v1.UserService/GetUser",
             SERVER,
         ),
-        ("minimesh-order", "shop.user.v1.UserService/GetUser", CLIENT),
         ("minimesh-user", "shop.user.v1.UserService/GetUser", SERVER),
         (
             "minimesh-order",
@@ -76,32 +68,55 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
             CLIENT,
         ),
         (
+            "minimesh-sidecar-order",
+            "shop.payment.v1.PaymentService/Charge",
+            CLIENT,
+        ),
+        (
+            "minimesh-sidecar-payment",
+            "shop.payment.v1.PaymentService/Charge",
+            SERVER,
+        ),
+        (
             "minimesh-payment",
             "shop.payment.v1.PaymentService/Charge",
             SERVER,
         ),
     ];
+    // The first order's trace: the one whose order-service span logged this order.
     let spans = eventually(
         Duration::from_secs(30),
         "every hop of the order exported",
         || {
-            let spans: Vec<SpanRecord> = collector
-                .spans()
-                .into_iter()
-                .filter(|s| s.trace_id == trace)
-                .collect();
+            let all = collector.spans();
+            let order_id = order.id.clone();
             async move {
-                let complete = expected.iter().all(|(svc, name, kind)| {
-                    spans
-                        .iter()
-                        .any(|s| s.service == *svc && s.name == *name && s.kind == *kind)
+                let mut roots = all.iter().filter(|s| {
+                    s.service == "minimesh-gateway"
+                        && s.name == create
+                        && s.parent_span_id.is_empty()
                 });
-                complete.then_some(spans)
+                roots.find_map(|root| {
+                    let trace: Vec<SpanRecord> = all
+                        .iter()
+                        .filter(|s| s.trace_id == root.trace_id)
+                        .cloned()
+                        .collect();
+                    let complete = expected.iter().all(|(svc, name, kind)| {
+                        trace
+                            .iter()
+                            .any(|s| s.service == *svc && s.name == *name && s.kind == *kind)
+                    });
+                    let charged = trace.iter().any(|s| s.name.contains("Charge"));
+                    (complete && charged && !order_id.is_empty()).then_some(trace)
+                })
             }
         },
     )
     .await;
-    // One tree: every parent is a span of the same trace.
+    // `cargo test --test tracing -- --nocapture` prints the tree shown in README.
+    eprintln!("{}", render_tree(&spans));
+    // One tree: every parent is a span of the same trace, and one root at the gateway.
     let ids: HashSet<&Vec<u8>> = spans.iter().map(|s| &s.span_id).collect();
     for span in &spans {
         assert!(
@@ -109,25 +124,52 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
             "orphan span {span:?}"
         );
     }
-    assert_eq!(
-        spans.iter().filter(|s| s.parent_span_id.is_empty()).count(),
-        1,
-        "exactly one root"
-    );
-    // Server spans of user and payment hang under order's client spans.
-    let by_id: HashMap<&Vec<u8>, &SpanRecord> = spans.iter().map(|s| (&s.span_id, s)).collect();
-    for span in spans
+    let roots: Vec<&SpanRecord> = spans
         .iter()
-        .filter(|s| s.kind == SERVER && s.service != "minimesh-order")
-    {
-        let parent = by_id[&span.parent_span_id];
+        .filter(|s| s.parent_span_id.is_empty())
+        .collect();
+    assert_eq!(roots.len(), 1, "exactly one root");
+    assert_eq!(roots[0].service, "minimesh-gateway");
+    // Each service's server span hangs under its own sidecar's inbound span,
+    // which knows the caller's identity.
+    let by_id: HashMap<&Vec<u8>, &SpanRecord> = spans.iter().map(|s| (&s.span_id, s)).collect();
+    for (service, sidecar) in [
+        ("minimesh-user", "minimesh-sidecar-user"),
+        ("minimesh-payment", "minimesh-sidecar-payment"),
+    ] {
+        let server = spans
+            .iter()
+            .find(|s| s.service == service && s.kind == SERVER)
+            .unwrap();
+        let parent = by_id[&server.parent_span_id];
+        assert_eq!((parent.service.as_str(), parent.kind), (sidecar, SERVER));
         assert_eq!(
-            (parent.service.as_str(), parent.kind, parent.name.as_str()),
-            ("minimesh-order", CLIENT, span.name.as_str())
+            parent.attr("minimesh.peer.identity"),
+            Some("spiffe://minimesh.local/ns/default/sa/order")
         );
     }
-    // `cargo test --test tracing -- --nocapture` prints the tree shown in README.
-    eprintln!("{}", render_tree(&spans));
+    // The outbound proxy span names the upstream and the endpoint it chose.
+    let outbound = spans
+        .iter()
+        .find(|s| {
+            s.service == "minimesh-sidecar-order"
+                && s.name == "shop.payment.v1.PaymentService/Charge"
+        })
+        .unwrap();
+    assert_eq!(outbound.attr("minimesh.upstream"), Some("payment"));
+    assert!(
+        outbound
+            .attr("server.address")
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{outbound:?}"
+    );
+    assert_eq!(outbound.attr("minimesh.attempts"), Some("1"));
+    let root = spans
+        .iter()
+        .find(|s| s.service == "minimesh-order" && s.name == create)
+        .unwrap()
+        .clone();
+    let trace = root.trace_id.clone();
     assert_eq!(root.attr("rpc.system"), Some("grpc"));
     assert_eq!(root.attr("rpc.service"), Some("shop.order.v1.OrderService"));
     assert_eq!(root.attr("rpc.method"), Some("CreateOrder"));
@@ -138,7 +180,8 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
         let spans = collector.spans();
         async move {
             spans.into_iter().find(|s| {
-                s.name == "shop.order.v1.OrderService/CreateOrder"
+                s.service == "minimesh-order"
+                    && s.name == "shop.order.v1.OrderService/CreateOrder"
                     && s.attr("rpc.grpc.status_code") == Some("3")
             })
         }
@@ -172,7 +215,9 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
         let spans = collector.spans();
         async move {
             spans.into_iter().find(|s| {
-                s.name == "shop.payment.v1.PaymentService/ChargeStream" && s.kind == SERVER
+                s.service == "minimesh-payment"
+                    && s.name == "shop.payment.v1.PaymentService/ChargeStream"
+                    && s.kind == SERVER
             })
         }
     })

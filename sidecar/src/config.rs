@@ -1,0 +1,283 @@
+//! Configuration: flags (each with an environment variable) over an optional
+//! YAML or JSON file, which is what the Helm chart's ConfigMap holds.
+
+use crate::upstream::TrafficPolicy;
+use minimesh_traffic::discover::Target;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("upstream {0:?} is not SERVICE=HOST:PORT[,HOST:PORT…]")]
+    Upstream(String),
+    #[error("upstream {service}: {source}")]
+    Target {
+        service: String,
+        source: minimesh_traffic::discover::TargetError,
+    },
+    #[error("{0} is required (flag, environment variable or config file)")]
+    Missing(&'static str),
+    #[error("allow-list: {0}")]
+    Allow(#[from] minimesh_certs::SpiffeError),
+}
+
+/// The file format (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    pub service: Option<String>,
+    pub trust_domain: Option<String>,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, FileUpstream>,
+    #[serde(default)]
+    pub timeouts: FileTimeouts,
+    #[serde(default)]
+    pub retries: FileRetries,
+    #[serde(default)]
+    pub ejection: FileEjection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileUpstream {
+    /// A DNS name (HOST:PORT) re-resolved on an interval.
+    pub dns: Option<String>,
+    /// Fixed HOST:PORT endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileTimeouts {
+    pub per_try_ms: Option<u64>,
+    pub connect_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileRetries {
+    pub budget_percent: Option<f32>,
+    pub min_per_second: Option<u32>,
+    pub max_attempts: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileEjection {
+    pub consecutive_failures: Option<u32>,
+    pub base_ms: Option<u64>,
+    pub max_ms: Option<u64>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        // YAML is a superset of JSON, so one parser reads both.
+        serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Traffic settings shared by the sidecar and the gateway. Unset flags fall
+/// back to the config file, then to the defaults in README.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrafficArgs {
+    /// Upstream endpoints: SERVICE=HOST:PORT[,HOST:PORT…]; names are re-resolved by DNS (repeatable).
+    #[arg(long = "upstream", env = "MINIMESH_UPSTREAMS", value_delimiter = ';')]
+    pub upstreams: Vec<String>,
+    /// Longest wait for response headers from one attempt (e.g. 2s); none by default.
+    #[arg(long, env = "MINIMESH_PER_TRY_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub per_try_timeout: Option<Duration>,
+    /// Attempts per call, the first included (default 3).
+    #[arg(long, env = "MINIMESH_RETRY_MAX_ATTEMPTS")]
+    pub retry_max_attempts: Option<u32>,
+    /// Retries allowed as a percentage of recent calls (default 20).
+    #[arg(long, env = "MINIMESH_RETRY_BUDGET_PERCENT")]
+    pub retry_budget_percent: Option<f32>,
+    /// Retries allowed per second regardless of traffic (default 10).
+    #[arg(long, env = "MINIMESH_RETRY_MIN_PER_SECOND")]
+    pub retry_min_per_second: Option<u32>,
+    /// Consecutive failures that eject an endpoint (default 5).
+    #[arg(long, env = "MINIMESH_EJECT_AFTER")]
+    pub eject_after: Option<u32>,
+    /// First ejection back-off (default 1s), doubling per ejection in a row.
+    #[arg(long, env = "MINIMESH_EJECT_BASE", value_parser = humantime::parse_duration)]
+    pub eject_base: Option<Duration>,
+    /// Longest ejection back-off (default 60s).
+    #[arg(long, env = "MINIMESH_EJECT_MAX", value_parser = humantime::parse_duration)]
+    pub eject_max: Option<Duration>,
+    /// How often DNS upstream names are re-resolved.
+    #[arg(long, env = "MINIMESH_DNS_REFRESH", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub dns_refresh: Duration,
+    /// Resolve upstream names from this hosts-format file instead of DNS (for tests and pinning).
+    #[arg(long, env = "MINIMESH_HOSTS_FILE")]
+    pub hosts_file: Option<PathBuf>,
+    /// TCP and TLS connect timeout (default 1s).
+    #[arg(long, env = "MINIMESH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Option<Duration>,
+}
+
+impl TrafficArgs {
+    pub fn policy(&self, file: &FileConfig) -> TrafficPolicy {
+        let mut policy = TrafficPolicy {
+            per_try_timeout: self
+                .per_try_timeout
+                .or(file.timeouts.per_try_ms.map(Duration::from_millis)),
+            ..TrafficPolicy::default()
+        };
+        if let Some(t) = self
+            .connect_timeout
+            .or(file.timeouts.connect_ms.map(Duration::from_millis))
+        {
+            policy.connect_timeout = t;
+        }
+        if let Some(n) = self.retry_max_attempts.or(file.retries.max_attempts) {
+            policy.retry.max_attempts = n.max(1);
+        }
+        if let Some(p) = self.retry_budget_percent.or(file.retries.budget_percent) {
+            policy.retry.budget_ratio = (p / 100.0).clamp(0.0, 10.0);
+        }
+        if let Some(n) = self.retry_min_per_second.or(file.retries.min_per_second) {
+            policy.retry.budget_min_per_second = n;
+        }
+        if let Some(n) = self.eject_after.or(file.ejection.consecutive_failures) {
+            policy.ejection.consecutive_failures = n.max(1);
+        }
+        if let Some(d) = self
+            .eject_base
+            .or(file.ejection.base_ms.map(Duration::from_millis))
+        {
+            policy.ejection.base = d;
+        }
+        if let Some(d) = self
+            .eject_max
+            .or(file.ejection.max_ms.map(Duration::from_millis))
+        {
+            policy.ejection.max = d;
+        }
+        policy
+    }
+
+    /// Upstreams from flags, else from the file.
+    pub fn upstreams(
+        &self,
+        file: &FileConfig,
+    ) -> Result<BTreeMap<String, Vec<Target>>, ConfigError> {
+        let mut out = BTreeMap::new();
+        if !self.upstreams.is_empty() {
+            for spec in &self.upstreams {
+                let (service, list) = spec
+                    .split_once('=')
+                    .ok_or_else(|| ConfigError::Upstream(spec.clone()))?;
+                let targets =
+                    parse_targets(service, list.split(',').filter(|s| !s.trim().is_empty()))?;
+                out.insert(service.trim().to_owned(), targets);
+            }
+            return Ok(out);
+        }
+        for (service, upstream) in &file.upstreams {
+            let targets = parse_targets(
+                service,
+                upstream
+                    .dns
+                    .iter()
+                    .map(String::as_str)
+                    .chain(upstream.endpoints.iter().map(String::as_str)),
+            )?;
+            out.insert(service.clone(), targets);
+        }
+        Ok(out)
+    }
+}
+
+fn parse_targets<'a>(
+    service: &str,
+    items: impl Iterator<Item = &'a str>,
+) -> Result<Vec<Target>, ConfigError> {
+    items
+        .map(|item| {
+            item.parse().map_err(|source| ConfigError::Target {
+                service: service.to_owned(),
+                source,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_config_reads_the_chart_shape_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar.yaml");
+        std::fs::write(
+            &path,
+            "service: order\ntrustDomain: minimesh.local\nnamespace: shop\nallow: [gateway]\nupstreams:\n  user: {dns: \"user-headless.shop.svc.cluster.local:4143\"}\n  payment: {endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\"]}\ntimeouts: {perTryMs: 2000}\nretries: {budgetPercent: 20, minPerSecond: 10, maxAttempts: 3}\nejection: {consecutiveFailures: 7, baseMs: 500}\n",
+        )
+        .unwrap();
+        let file = FileConfig::load(&path).unwrap();
+        assert_eq!(file.allow, ["gateway"]);
+        let args = TrafficArgs {
+            eject_after: Some(2),
+            ..TrafficArgs::default()
+        };
+        let policy = args.policy(&file);
+        assert_eq!(policy.per_try_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(
+            policy.ejection.consecutive_failures, 2,
+            "the flag wins over the file"
+        );
+        assert_eq!(policy.ejection.base, Duration::from_millis(500));
+        let upstreams = args.upstreams(&file).unwrap();
+        assert_eq!(upstreams["payment"].len(), 2);
+        assert!(matches!(
+            &upstreams["user"][0],
+            Target::Dns { port: 4143, .. }
+        ));
+
+        let flagged = TrafficArgs {
+            upstreams: vec!["payment=127.0.0.1:9,127.0.0.1:10".into()],
+            ..TrafficArgs::default()
+        };
+        assert_eq!(
+            flagged.upstreams(&file).unwrap().keys().collect::<Vec<_>>(),
+            ["payment"]
+        );
+        let bad = TrafficArgs {
+            upstreams: vec!["payment".into()],
+            ..TrafficArgs::default()
+        };
+        assert!(bad.upstreams(&file).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, "service: order\nretrys: {}\n").unwrap();
+        assert!(matches!(
+            FileConfig::load(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

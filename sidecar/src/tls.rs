@@ -1,0 +1,286 @@
+//! Mutual TLS for the mesh: rustls configurations built from the mesh CA and
+//! this proxy's identity, rebuilt when the files on disk change.
+//!
+//! Servers require a client certificate chaining to the mesh CA (rustls'
+//! `WebPkiClientVerifier`, TLS 1.3 only, ALPN h2) and read the caller's SPIFFE
+//! id from it. Clients verify the server's chain and then check that its URI
+//! SAN is exactly the identity expected for the service they dialled.
+//! Rotation: a new certificate and key on disk are picked up by the next
+//! handshake; connections already open keep the configuration they started
+//! with.
+
+use minimesh_certs::{SpiffeId, spiffe_id_of};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{0} holds no certificate")]
+    NoCertificate(PathBuf),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("certificate verifier: {0}")]
+    Verifier(String),
+    #[error("our own certificate: {0}")]
+    Identity(#[from] minimesh_certs::SpiffeError),
+}
+
+/// Where this proxy's mesh credentials live.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Read {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_owned()));
+    }
+    Ok(certs)
+}
+
+/// One consistent set of credentials and the configurations built from it.
+pub struct TlsConfigs {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    identity: SpiffeId,
+    server: Arc<ServerConfig>,
+    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl std::fmt::Debug for TlsConfigs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfigs")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfigs {
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in read_certs(&files.ca)? {
+            roots.add(ca)?;
+        }
+        let roots = Arc::new(roots);
+        let chain = read_certs(&files.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
+            path: files.key.clone(),
+            message: e.to_string(),
+        })?;
+        let identity = spiffe_id_of(&chain[0])?;
+
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            roots,
+            chain,
+            key,
+            identity,
+            server: Arc::new(server),
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
+    pub fn server(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
+    /// A client configuration that accepts only a server presenting `expected`.
+    pub fn client_for(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(config) = clients.get(expected) {
+            return Ok(config.clone());
+        }
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier = Arc::new(SpiffeServerVerifier {
+            inner,
+            expected: expected.clone(),
+        });
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = Arc::new(config);
+        clients.insert(expected.clone(), config.clone());
+        Ok(config)
+    }
+}
+
+/// The server name to dial a peer by: its service name, which every leaf
+/// carries as a DNS SAN.
+pub fn server_name(expected: &SpiffeId) -> Option<ServerName<'static>> {
+    ServerName::try_from(expected.name.clone()).ok()
+}
+
+/// Chain verification by webpki, then an exact check of the SPIFFE id.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: SpiffeId,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match spiffe_id_of(end_entity) {
+            Ok(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Ok(id) => {
+                tracing::warn!(expected = %self.expected, presented = %id, "peer presented the wrong identity");
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+            Err(_) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The caller's identity, read from its client certificate after the handshake.
+pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
+    let certs = conn.peer_certificates()?;
+    spiffe_id_of(certs.first()?).ok()
+}
+
+/// Current credentials, re-read when any of the files changes.
+pub struct Reloader {
+    files: TlsFiles,
+    current: RwLock<Arc<TlsConfigs>>,
+}
+
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    [&files.ca, &files.cert, &files.key]
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
+impl Reloader {
+    /// Loads the credentials (failing if they are unusable) and watches them
+    /// every `poll` from then on.
+    pub fn start(files: TlsFiles, poll: Duration) -> Result<Arc<Self>, TlsError> {
+        let configs = TlsConfigs::load(&files)?;
+        let reloader = Arc::new(Self {
+            files,
+            current: RwLock::new(Arc::new(configs)),
+        });
+        let weak = Arc::downgrade(&reloader);
+        let mut last = stamp(&reloader.files);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(poll);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(reloader) = weak.upgrade() else {
+                    return;
+                };
+                let now = stamp(&reloader.files);
+                if now == last {
+                    continue;
+                }
+                match TlsConfigs::load(&reloader.files) {
+                    Ok(configs) => {
+                        tracing::info!(identity = %configs.identity(), "certificates reloaded");
+                        *reloader.current.write().unwrap_or_else(|p| p.into_inner()) =
+                            Arc::new(configs);
+                        last = now;
+                    }
+                    // Half-written files: try again on the next tick.
+                    Err(err) => {
+                        tracing::warn!(%err, "new certificates not usable yet; keeping the current ones")
+                    }
+                }
+            }
+        });
+        Ok(reloader)
+    }
+
+    pub fn current(&self) -> Arc<TlsConfigs> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
