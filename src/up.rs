@@ -42,6 +42,12 @@ pub struct UpArgs {
     /// OTLP/gRPC endpoint every service and sidecar exports traces to.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Wait before restarting a child that died (doubles while it keeps dying).
+    #[arg(long, env = "MINIMESH_RESTART_DELAY", value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub restart_delay: Duration,
+    /// Test-only: make one instance slow, e.g. `payment-1=50ms` (passed as its --debug-delay).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub debug_delay: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -173,12 +179,54 @@ struct Instance {
     sidecar: usize,
 }
 
-/// Reserves a free loopback port. The socket is closed again right away; the
-/// child binds the same port a moment later.
+/// Reserves a free loopback port for a child to bind a moment later.
+///
+/// Ports come from below the kernel's ephemeral range, so the outgoing
+/// connections of this machine (which take ephemeral ports) cannot grab one
+/// between this check and the child's bind; a random start keeps several
+/// meshes on one machine apart.
 fn free_port() -> anyhow::Result<SocketAddr> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
+    free_port_on(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+fn free_port_on(ip: std::net::IpAddr) -> anyhow::Result<SocketAddr> {
+    let (low, high) = reservable_range();
+    let span = u32::from(high - low);
+    let start = rand_below(span);
+    for offset in 0..span {
+        let port = low + ((start + offset) % span) as u16;
+        if let Ok(listener) = std::net::TcpListener::bind((ip, port)) {
+            return listener.local_addr().context("reading a reserved port");
+        }
+    }
+    let listener = std::net::TcpListener::bind((ip, 0)).context("reserving a port")?;
     listener.local_addr().context("reading a reserved port")
+}
+
+/// Ports from 10000 up to the start of the ephemeral range.
+fn reservable_range() -> (u16, u16) {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_start > 11000 {
+        (10000, ephemeral_start)
+    } else {
+        (ephemeral_start.max(1024), 65535)
+    }
+}
+
+fn rand_below(n: u32) -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded randomly per process; enough to spread ports.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (hasher.finish() % u64::from(n.max(1))) as u32
 }
 
 /// Who may call whom: order accepts the gateway; user and payment accept
@@ -293,6 +341,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             s("--metrics-listen"),
             s(instance.metrics),
         ];
+        let name = format!("{service}-{replica}");
+        for spec in args.debug_delay.iter().filter(|_| service == "payment") {
+            if let Some(delay) = spec.strip_prefix(&format!("{name}=")) {
+                service_args.extend([s("--debug-delay"), s(delay)]);
+            }
+        }
         if service == "order" {
             // The order service reaches its peers only through its own sidecar.
             let outbound = format!("http://{}", instance.outbound);
@@ -323,7 +377,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if service == "order" {
             sidecar_args.extend(upstream_flags(&["user", "payment"]));
         }
-        let name = format!("{service}-{replica}");
         let app = Child::new(
             name.clone(),
             service_args,
@@ -342,9 +395,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let gateway_upstreams = upstream_flags(&SERVICES);
     let gateway_addr = if args.gateway_addr.port() == 0 {
-        let listener = std::net::TcpListener::bind(SocketAddr::new(args.gateway_addr.ip(), 0))
-            .context("reserving the gateway port")?;
-        listener.local_addr().context("reading the gateway port")?
+        free_port_on(args.gateway_addr.ip())?
     } else {
         args.gateway_addr
     };
@@ -425,7 +476,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some((index, _, status)) = exits.recv() => {
             let name = children[index].name.clone();
             stop_all(&mut children, &mut exits).await;
-            bail!("{name} exited during start-up ({status}); see {}", children[index].log.display());
+            let log = &children[index].log;
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let last: Vec<&str> = tail.lines().rev().take(3).collect();
+            bail!("{name} exited during start-up ({status}); see {}: {}", log.display(), last.join(" | "));
         }
     }
     println!(
@@ -453,9 +507,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 // Back off when a child keeps dying right after start.
                 let delay = if child.started.elapsed() > Duration::from_secs(10) {
                     child.restarts = 0;
-                    Duration::from_millis(100)
+                    args.restart_delay
                 } else {
-                    Duration::from_millis(100 * 2u64.pow(child.restarts.min(6)))
+                    args.restart_delay.saturating_mul(2u32.pow(child.restarts.min(6)))
                 };
                 child.restarts += 1;
                 tracing::warn!(child = %child.name, %status, ?delay, "child exited; restarting");

@@ -156,7 +156,13 @@ impl Orders {
         let request = GetUserRequest {
             id: user_id.to_owned(),
         };
-        match self.users.clone().get_user(request).await {
+        let users = self.users.clone();
+        let lookup = retry_unavailable(|| {
+            let mut users = users.clone();
+            let request = request.clone();
+            async move { users.get_user(request).await }
+        });
+        match lookup.await {
             Ok(_) => Ok(()),
             Err(status) if status.code() == Code::NotFound => Err(Status::failed_precondition(
                 format!("user {user_id} does not exist"),
@@ -201,7 +207,15 @@ impl Orders {
             currency: order.currency.clone(),
             idempotency_key: format!("order:{}", order.id),
         };
-        let payment = match self.payments.clone().charge(charge).await {
+        // The charge is idempotent per order, so an UNAVAILABLE answer (which
+        // may come after the payment service acted) is safe to repeat.
+        let payments = self.payments.clone();
+        let charged = retry_unavailable(|| {
+            let mut payments = payments.clone();
+            let charge = charge.clone();
+            async move { payments.charge(charge).await }
+        });
+        let payment = match charged.await {
             Ok(response) => response.into_inner(),
             Err(status)
                 if matches!(
@@ -370,6 +384,33 @@ impl Orders {
                 }
             }
             Err(err) => tracing::warn!(%err, "cannot list stale pending orders"),
+        }
+    }
+}
+
+/// Calls made by the order service that are idempotent (reads, and charges
+/// keyed by order) are repeated a few times on UNAVAILABLE, which a replica
+/// dying mid-call produces; the mesh itself only retries calls that never
+/// reached an application.
+async fn retry_unavailable<T, F, Fut>(mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    const ATTEMPTS: u32 = 4;
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(status) if status.code() == Code::Unavailable && attempt < ATTEMPTS => {
+                tracing::debug!(
+                    attempt,
+                    message = status.message(),
+                    "idempotent call unavailable; trying again"
+                );
+                tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            result => return result,
         }
     }
 }
