@@ -19,7 +19,12 @@ async fn two_order_replicas_deliver_every_order_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = start_mesh(
         dir.path(),
-        &["--replicas", "order=2", "--fulfilment-step", "300ms"],
+        &[
+            "--replicas",
+            "order=2,payment=3",
+            "--fulfilment-step",
+            "300ms",
+        ],
     )
     .await;
     let replicas: Vec<String> = mesh
@@ -32,16 +37,22 @@ async fn two_order_replicas_deliver_every_order_exactly_once() {
     for url in &replicas {
         clients.push(OrderServiceClient::connect(url.clone()).await.unwrap());
     }
-    let mut users = UserServiceClient::connect(mesh.app_url("user"))
+    let gateway_url = format!(
+        "http://{}",
+        mesh.mesh_json()["gateway"]["addr"].as_str().unwrap()
+    );
+    let mut gateway = OrderServiceClient::connect(gateway_url.clone())
         .await
         .unwrap();
+    let mut users = UserServiceClient::connect(gateway_url).await.unwrap();
     let buyer = new_user(&mut users).await;
 
     let mut watchers = Vec::new();
     for n in 0..ORDERS {
-        // Place on one replica, watch on the other.
-        let order = place_order(&mut clients[n % 2], &buyer.id).await;
-        let mut stream = clients[(n + 1) % 2]
+        // Placed through the gateway (which balances over both order
+        // replicas), watched on each replica in turn.
+        let order = place_order(&mut gateway, &buyer.id).await;
+        let mut stream = clients[n % 2]
             .watch_order(WatchOrderRequest {
                 id: order.id.clone(),
             })
@@ -92,4 +103,83 @@ async fn two_order_replicas_deliver_every_order_exactly_once() {
         );
     }
     assert!(mesh.terminate().await.success());
+}
+
+#[tokio::test]
+async fn cancel_refunds_whichever_payment_replica_took_the_charge() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh(
+        dir.path(),
+        &["--replicas", "order=2,payment=3", "--fulfilment-step", "1h"],
+    )
+    .await;
+    let gateway_url = format!(
+        "http://{}",
+        mesh.mesh_json()["gateway"]["addr"].as_str().unwrap()
+    );
+    let mut orders = OrderServiceClient::connect(gateway_url.clone())
+        .await
+        .unwrap();
+    let mut users = UserServiceClient::connect(gateway_url).await.unwrap();
+    let buyer = new_user(&mut users).await;
+    let mut placed = Vec::new();
+    for _ in 0..30 {
+        placed.push(place_order(&mut orders, &buyer.id).await);
+    }
+    for order in &placed {
+        let cancelled = orders
+            .cancel_order(minimesh_proto::order::v1::CancelOrderRequest {
+                id: order.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(cancelled.status, OrderStatus::Cancelled as i32);
+    }
+    // Every payment is refunded, and the charges were spread over the replicas.
+    let conn = rusqlite::Connection::open(dir.path().join("payment.db")).unwrap();
+    for order in &placed {
+        let status: i64 = conn
+            .query_row(
+                "SELECT status FROM payments WHERE order_id = ?1",
+                [&order.id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(status, 3, "payment of {} is REFUNDED", order.id);
+    }
+    let mut replicas_used = 0;
+    for instance in mesh.instances("payment") {
+        let text = metrics(instance["admin"].as_str().unwrap()).await;
+        let charges: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("minimesh_requests_total{") && l.contains("method=\"Charge\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if charges > 0.0 {
+            replicas_used += 1;
+        }
+    }
+    assert!(
+        replicas_used >= 2,
+        "charges went to {replicas_used} replica(s)"
+    );
+    assert!(mesh.terminate().await.success());
+}
+
+async fn metrics(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
 }
