@@ -33,6 +33,9 @@ enum Command {
     Sidecar(ProxyArgs<minimesh_sidecar::SidecarArgs>),
     /// The edge proxy: callers outside the mesh in, mTLS into the mesh.
     Gateway(ProxyArgs<minimesh_sidecar::GatewayArgs>),
+    /// Copy this binary to PATH (used by the Helm chart's certificate Job, whose kubectl image runs it).
+    #[command(hide = true)]
+    CopyBinary { destination: std::path::PathBuf },
     /// The mesh CA: create it, issue identities.
     #[command(subcommand)]
     Certs(minimesh_certs::CertsCommand),
@@ -126,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => up::run(args).await,
             Command::Service(service) => run_service(service).await,
             Command::Certs(command) => Ok(minimesh_certs::run(command)?),
+            Command::CopyBinary { destination } => copy_binary(&destination),
             Command::Sidecar(args) => run_sidecar(args).await,
             Command::Gateway(args) => run_gateway(args).await,
         }
@@ -171,6 +175,16 @@ async fn serve_one(command: ServiceCommand) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+fn copy_binary(destination: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().context("finding this binary")?;
+    std::fs::copy(&exe, destination)
+        .with_context(|| format!("copying to {}", destination.display()))?;
+    std::fs::set_permissions(destination, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", destination.display()))?;
     Ok(())
 }
 

@@ -105,6 +105,9 @@ pub struct SidecarArgs {
     /// YAML or JSON file with the same settings; flags win.
     #[arg(long, env = "MINIMESH_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Validate the configuration, print it resolved as JSON, and exit.
+    #[arg(long)]
+    pub check_config: bool,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
@@ -125,6 +128,9 @@ pub struct GatewayArgs {
     /// YAML or JSON file with the same settings; flags win.
     #[arg(long, env = "MINIMESH_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Validate the configuration, print it resolved as JSON, and exit.
+    #[arg(long)]
+    pub check_config: bool,
     #[command(flatten)]
     pub identity: IdentityArgs,
     #[command(flatten)]
@@ -240,6 +246,24 @@ pub async fn run_sidecar(
         .or(file.service.clone())
         .ok_or(ConfigError::Missing("--service"))?;
     let (trust_domain, namespace) = naming(&args.identity, &file);
+    if args.check_config {
+        let allow = if args.allow.is_empty() {
+            file.allow.clone()
+        } else {
+            args.allow.clone()
+        };
+        let allow =
+            AllowList::new(&allow, &trust_domain, &namespace).map_err(ConfigError::Allow)?;
+        print_resolved(
+            Some(&service),
+            &trust_domain,
+            &namespace,
+            Some(&allow),
+            &args.traffic,
+            &file,
+        )?;
+        return Ok(());
+    }
     let tls = Reloader::start(
         TlsFiles {
             ca: args.identity.ca.clone(),
@@ -333,6 +357,10 @@ pub async fn run_gateway(
 ) -> Result<(), SidecarError> {
     let file = loaded_file(&args.config)?;
     let (trust_domain, namespace) = naming(&args.identity, &file);
+    if args.check_config {
+        print_resolved(None, &trust_domain, &namespace, None, &args.traffic, &file)?;
+        return Ok(());
+    }
     let tls = Reloader::start(
         TlsFiles {
             ca: args.identity.ca.clone(),
@@ -388,6 +416,55 @@ pub async fn run_gateway(
     let _ = stop_tx.send(true);
     let _ = task.await;
     admin.abort();
+    Ok(())
+}
+
+/// `--check-config`: the configuration as the proxy would run it.
+fn print_resolved(
+    service: Option<&str>,
+    trust_domain: &str,
+    namespace: &str,
+    allow: Option<&AllowList>,
+    traffic: &TrafficArgs,
+    file: &FileConfig,
+) -> Result<(), SidecarError> {
+    let policy = traffic.policy(file);
+    let upstreams: BTreeMap<String, Vec<String>> = traffic
+        .upstreams(file)?
+        .into_iter()
+        .map(|(name, targets)| {
+            let targets = targets
+                .into_iter()
+                .map(|t| match t {
+                    discover::Target::Addr(a) => a.to_string(),
+                    discover::Target::Dns { host, port } => format!("dns:{host}:{port}"),
+                })
+                .collect();
+            (name, targets)
+        })
+        .collect();
+    let resolved = serde_json::json!({
+        "service": service,
+        "trustDomain": trust_domain,
+        "namespace": namespace,
+        "allow": allow.map(|a| a.entries().iter().map(|id| id.to_string()).collect::<Vec<_>>()),
+        "upstreams": upstreams,
+        "retries": {
+            "maxAttempts": policy.retry.max_attempts,
+            "budgetRatio": policy.retry.budget_ratio,
+            "minPerSecond": policy.retry.budget_min_per_second,
+        },
+        "ejection": {
+            "consecutiveFailures": policy.ejection.consecutive_failures,
+            "baseMs": policy.ejection.base.as_millis() as u64,
+            "maxMs": policy.ejection.max.as_millis() as u64,
+        },
+        "perTryTimeoutMs": policy.per_try_timeout.map(|d| d.as_millis() as u64),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&resolved).unwrap_or_default()
+    );
     Ok(())
 }
 

@@ -70,6 +70,7 @@ async fn start_sidecar() -> Fixture {
         app: app.to_string(),
         allow: vec!["order".into()],
         config: None,
+        check_config: false,
         identity: IdentityArgs {
             ca: ca.join("ca.pem"),
             cert,
