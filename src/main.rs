@@ -36,6 +36,8 @@ enum Command {
     /// Copy this binary to PATH (used by the Helm chart's certificate Job, whose kubectl image runs it).
     #[command(hide = true)]
     CopyBinary { destination: std::path::PathBuf },
+    /// Benchmarks: an echo backend, a load generator, and the side-by-side suite.
+    Bench(minimesh_bench::BenchArgs),
     /// The mesh CA: create it, issue identities.
     #[command(subcommand)]
     Certs(minimesh_certs::CertsCommand),
@@ -129,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => up::run(args).await,
             Command::Service(service) => run_service(service).await,
             Command::Certs(command) => Ok(minimesh_certs::run(command)?),
+            Command::Bench(args) => minimesh_bench::run(args).await,
             Command::CopyBinary { destination } => copy_binary(&destination),
             Command::Sidecar(args) => run_sidecar(args).await,
             Command::Gateway(args) => run_gateway(args).await,

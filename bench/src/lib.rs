@@ -1,0 +1,83 @@
+//! `minimesh bench`: a load generator in the spirit of ghz, an echo backend
+//! to aim it at, and the suite that compares the mesh with direct calls,
+//! HAProxy and nginx.
+
+pub mod backend;
+pub mod load;
+pub mod procstat;
+pub mod suite;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Serve the echo backend the benchmarks call.
+    Backend {
+        #[arg(long, env = "MINIMESH_LISTEN", default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Load one target and report.
+    Load(LoadArgs),
+    /// Run every scenario side by side and write results.json and results.md.
+    Suite(suite::SuiteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Target, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    pub target: String,
+    #[arg(long, value_enum, default_value = "unary")]
+    pub call: load::Call,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Concurrent calls or streams.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Open loop: calls per second on a fixed schedule (unary only).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Backend { listen } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await?;
+            eprintln!("echo backend listening on {}", listener.local_addr()?);
+            backend::serve(listener).await?;
+            Ok(())
+        }
+        BenchCommand::Load(args) => {
+            let workload = load::Workload {
+                call: args.call,
+                payload: args.payload,
+                concurrency: args.concurrency,
+                rate: args.rate,
+                duration: args.duration,
+            };
+            let report = load::run(&args.target, &workload).await?;
+            let json = serde_json::to_string_pretty(
+                &serde_json::json!({"workload": workload, "report": report}),
+            )?;
+            if let Some(path) = args.json {
+                std::fs::write(path, &json)?;
+            }
+            println!("{json}");
+            Ok(())
+        }
+        BenchCommand::Suite(args) => suite::run(args).await,
+    }
+}

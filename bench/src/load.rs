@@ -1,0 +1,360 @@
+//! The load generator: unary calls at a fixed concurrency (closed loop) or a
+//! fixed rate (open loop, latency measured from each call's intended start so
+//! a stall is not hidden by coordinated omission), and server or
+//! bidirectional streams counted in messages per second.
+
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use minimesh_proto::order::v1::WatchOrderRequest;
+use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
+use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
+use minimesh_proto::payment::v1::{ChargeRequest, GetPaymentRequest};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Call {
+    /// PaymentService/GetPayment, the id carrying the payload.
+    Unary,
+    /// OrderService/WatchOrder: the server streams events as fast as it can.
+    ServerStream,
+    /// PaymentService/ChargeStream: requests and results flow both ways.
+    Bidi,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    pub call: Call,
+    /// Bytes of payload per message.
+    pub payload: usize,
+    /// Concurrent calls (unary) or streams.
+    pub concurrency: usize,
+    /// Calls per second for an open-loop unary run; None runs closed-loop.
+    pub rate: Option<f64>,
+    #[serde(with = "humantime_serde_shim")]
+    pub duration: Duration,
+}
+
+mod humantime_serde_shim {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Successful calls (unary) or messages received (streams).
+    pub ok: u64,
+    /// Failed calls by gRPC status code name.
+    pub errors: BTreeMap<String, u64>,
+    pub elapsed_s: f64,
+    /// ok / elapsed.
+    pub per_second: f64,
+    /// Unary only.
+    pub latency: Option<Latency>,
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("invalid target {0}: {1}")]
+    Target(String, tonic::transport::Error),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, tonic::transport::Error),
+    #[error("histogram: {0}")]
+    Histogram(String),
+}
+
+fn histogram() -> Result<Histogram<u64>, LoadError> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| LoadError::Histogram(e.to_string()))
+}
+
+impl Report {
+    fn finish(mut self, elapsed: Duration) -> Self {
+        self.elapsed_s = elapsed.as_secs_f64();
+        self.per_second = if self.elapsed_s > 0.0 {
+            self.ok as f64 / self.elapsed_s
+        } else {
+            0.0
+        };
+        if let Some(h) = &self.histogram
+            && !h.is_empty()
+        {
+            self.latency = Some(Latency {
+                p50_us: h.value_at_quantile(0.50),
+                p90_us: h.value_at_quantile(0.90),
+                p99_us: h.value_at_quantile(0.99),
+                p999_us: h.value_at_quantile(0.999),
+                max_us: h.max(),
+            });
+        }
+        self
+    }
+
+    /// Folds another run of the same workload into this one.
+    pub fn merge(&mut self, other: &Report) {
+        self.ok += other.ok;
+        for (code, n) in &other.errors {
+            *self.errors.entry(code.clone()).or_default() += n;
+        }
+        match (&mut self.histogram, &other.histogram) {
+            (Some(mine), Some(theirs)) => {
+                let _ = mine.add(theirs);
+            }
+            (None, Some(theirs)) => self.histogram = Some(theirs.clone()),
+            _ => {}
+        }
+        let elapsed = self.elapsed_s + other.elapsed_s;
+        *self = std::mem::take(self).finish(Duration::from_secs_f64(elapsed));
+    }
+}
+
+async fn connect(target: &str) -> Result<Channel, LoadError> {
+    let endpoint = Endpoint::from_shared(target.to_owned())
+        .map_err(|e| LoadError::Target(target.to_owned(), e))?;
+    endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| LoadError::Connect(target.to_owned(), e))
+}
+
+/// The status code, with the start of its message so odd failures can be told apart.
+fn code_name(status: &tonic::Status) -> String {
+    let message: String = status.message().chars().take(60).collect();
+    if message.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {message}", status.code())
+    }
+}
+
+/// Runs `workload` against `target` (http://host:port).
+pub async fn run(target: &str, workload: &Workload) -> Result<Report, LoadError> {
+    let channel = connect(target).await?;
+    match workload.call {
+        Call::Unary => match workload.rate {
+            Some(rate) => open_loop(channel, workload, rate).await,
+            None => closed_loop(channel, workload).await,
+        },
+        Call::ServerStream => server_streams(channel, workload).await,
+        Call::Bidi => bidi_streams(channel, workload).await,
+    }
+}
+
+async fn closed_loop(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
+    let request = GetPaymentRequest {
+        id: "x".repeat(workload.payload),
+    };
+    let started = Instant::now();
+    let deadline = started + workload.duration;
+    let mut tasks = Vec::new();
+    for _ in 0..workload.concurrency.max(1) {
+        let mut client =
+            PaymentServiceClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
+        let request = request.clone();
+        let mut report = Report {
+            histogram: Some(histogram()?),
+            ..Report::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let call = Instant::now();
+                match client.get_payment(request.clone()).await {
+                    Ok(_) => {
+                        report.ok += 1;
+                        if let Some(h) = report.histogram.as_mut() {
+                            let _ = h.record(call.elapsed().as_micros().max(1) as u64);
+                        }
+                    }
+                    Err(status) => *report.errors.entry(code_name(&status)).or_default() += 1,
+                }
+            }
+            report
+        }));
+    }
+    let mut total = Report {
+        histogram: Some(histogram()?),
+        ..Report::default()
+    };
+    for task in tasks {
+        if let Ok(report) = task.await {
+            total.ok += report.ok;
+            for (code, n) in report.errors {
+                *total.errors.entry(code).or_default() += n;
+            }
+            if let (Some(mine), Some(theirs)) =
+                (total.histogram.as_mut(), report.histogram.as_ref())
+            {
+                let _ = mine.add(theirs);
+            }
+        }
+    }
+    Ok(total.finish(started.elapsed()))
+}
+
+/// Calls are started on a fixed schedule whatever the responses do; each
+/// call's latency counts from when it should have started.
+async fn open_loop(channel: Channel, workload: &Workload, rate: f64) -> Result<Report, LoadError> {
+    const MAX_IN_FLIGHT: usize = 10_000;
+    let request = GetPaymentRequest {
+        id: "x".repeat(workload.payload),
+    };
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let started = Instant::now();
+    let deadline = started + workload.duration;
+    let shared = Arc::new(std::sync::Mutex::new(Report {
+        histogram: Some(histogram()?),
+        ..Report::default()
+    }));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut handles = Vec::new();
+    let mut n: u32 = 0;
+    loop {
+        let intended = started + period * n;
+        if intended >= deadline {
+            break;
+        }
+        tokio::time::sleep_until(intended).await;
+        n += 1;
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            // The target is so far behind that the client would only queue: count it.
+            *shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .errors
+                .entry("ClientSaturated".into())
+                .or_default() += 1;
+            continue;
+        };
+        let mut client = PaymentServiceClient::new(channel.clone());
+        let request = request.clone();
+        let shared = shared.clone();
+        handles.push(tokio::spawn(async move {
+            let result = client.get_payment(request).await;
+            let latency = intended.elapsed();
+            let mut report = shared.lock().unwrap_or_else(|p| p.into_inner());
+            match result {
+                Ok(_) => {
+                    report.ok += 1;
+                    if let Some(h) = report.histogram.as_mut() {
+                        let _ = h.record(latency.as_micros().max(1) as u64);
+                    }
+                }
+                Err(status) => *report.errors.entry(code_name(&status)).or_default() += 1,
+            }
+            drop(permit);
+        }));
+    }
+    for handle in handles {
+        let _ = handle.await;
+    }
+    let report = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(report.finish(started.elapsed()))
+}
+
+/// How long a stream may take to finish after its workload's end.
+const STREAM_GRACE: Duration = Duration::from_secs(5);
+
+async fn server_streams(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
+    let received = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + workload.duration;
+    let mut tasks = Vec::new();
+    for _ in 0..workload.concurrency.max(1) {
+        let mut client =
+            OrderServiceClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
+        let id = "x".repeat(workload.payload);
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = match client.watch_order(WatchOrderRequest { id }).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return Some(code_name(&status)),
+            };
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => return None,
+                    next = stream.message() => match next {
+                        Ok(Some(_)) => { received.fetch_add(1, Ordering::Relaxed); }
+                        Ok(None) => return Some("Ended".to_owned()),
+                        Err(status) => return Some(code_name(&status)),
+                    },
+                }
+            }
+        }));
+    }
+    let mut report = Report::default();
+    for task in tasks {
+        if let Ok(Some(error)) = task.await {
+            *report.errors.entry(error).or_default() += 1;
+        }
+    }
+    report.ok = received.load(Ordering::Relaxed);
+    Ok(report.finish(started.elapsed()))
+}
+
+async fn bidi_streams(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
+    let received = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + workload.duration;
+    let mut tasks = Vec::new();
+    for _ in 0..workload.concurrency.max(1) {
+        let mut client =
+            PaymentServiceClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
+        let message = ChargeRequest {
+            order_id: "x".repeat(workload.payload),
+            ..Default::default()
+        };
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            // Requests are produced until the deadline; flow control paces them.
+            let requests = futures::stream::repeat(message)
+                .take_while(move |_| std::future::ready(Instant::now() < deadline));
+            let mut results = match client.charge_stream(requests).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return Some(code_name(&status)),
+            };
+            // Results still in flight after the requests stop get a grace
+            // period; a path that never ends the stream is reported, not waited on.
+            let give_up = deadline + STREAM_GRACE;
+            loop {
+                match tokio::time::timeout_at(give_up, results.message()).await {
+                    Ok(Ok(Some(_))) => {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Ok(None)) => return None,
+                    Ok(Err(status)) => return Some(code_name(&status)),
+                    Err(_) => return Some("StreamNotEnded".to_owned()),
+                }
+            }
+        }));
+    }
+    let mut report = Report::default();
+    for task in tasks {
+        if let Ok(Some(error)) = task.await {
+            *report.errors.entry(error).or_default() += 1;
+        }
+    }
+    report.ok = received.load(Ordering::Relaxed);
+    Ok(report.finish(started.elapsed()))
+}

@@ -1,0 +1,567 @@
+//! Every scenario side by side in one invocation: direct calls, the mesh
+//! (two sidecars with mTLS between them), the gateway, an HAProxy pair and an
+//! nginx pair doing the same job. Scenarios take turns in short rounds so a
+//! noisy machine affects them alike; proxies' CPU time and peak memory come
+//! from /proc.
+
+use crate::load::{self, Call, Report, Workload};
+use crate::procstat;
+use anyhow::{Context, bail};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SuiteArgs {
+    /// The minimesh binary to run proxies and the backend with (default: this one).
+    #[arg(long, env = "MINIMESH_BIN")]
+    pub minimesh_bin: Option<PathBuf>,
+    /// How long each scenario runs per round.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub round: Duration,
+    /// Rounds; every scenario runs once per round, in turn.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// A few hundred milliseconds per scenario, one round: checks the harness, measures nothing.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Where results.json and results.md go.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Scenarios to skip (direct, minimesh, gateway, haproxy, nginx).
+    #[arg(long, value_delimiter = ',')]
+    pub skip: Vec<String>,
+}
+
+/// A running process that is killed when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name} ({})", program.display()))?;
+    Ok(Proc {
+        name: name.to_owned(),
+        child,
+    })
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+struct Scenario {
+    name: &'static str,
+    target: String,
+    /// Proxy processes on the path of calls to PaymentService (unary, bidi)...
+    proxies: Vec<u32>,
+    /// ...and to OrderService (server streaming), where they differ.
+    order_proxies: Option<Vec<u32>>,
+}
+
+impl Scenario {
+    fn proxies_for(&self, call: Call) -> &[u32] {
+        match (call, &self.order_proxies) {
+            (Call::ServerStream, Some(order)) => order,
+            _ => &self.proxies,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Cell {
+    report: Report,
+    proxy_cpu_seconds: f64,
+    proxy_peak_rss_kib: Vec<u64>,
+}
+
+#[derive(Serialize)]
+struct Results {
+    machine: BTreeMap<String, String>,
+    command: String,
+    rounds: u32,
+    round_seconds: f64,
+    workloads: Vec<(Workload, BTreeMap<String, Cell>)>,
+}
+
+fn workloads(duration: Duration) -> Vec<Workload> {
+    let w = |call, payload, concurrency| Workload {
+        call,
+        payload,
+        concurrency,
+        rate: None,
+        duration,
+    };
+    vec![
+        w(Call::Unary, 100, 1),
+        w(Call::Unary, 100, 64),
+        w(Call::Unary, 10 * 1024, 64),
+        w(Call::ServerStream, 100, 4),
+        w(Call::Bidi, 100, 4),
+    ]
+}
+
+async fn wait_for(target: &str, what: &str) -> anyhow::Result<()> {
+    let probe = Workload {
+        call: Call::Unary,
+        payload: 10,
+        concurrency: 1,
+        rate: None,
+        duration: Duration::from_millis(50),
+    };
+    for _ in 0..200 {
+        if let Ok(report) = load::run(target, &probe).await
+            && report.ok > 0
+            && report.errors.is_empty()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{what} at {target} never answered")
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
+    );
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    m.insert("cpu".into(), cpu);
+    m.insert(
+        "kernel".into(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    );
+    m
+}
+
+pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
+    let bin = match &args.minimesh_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("finding the minimesh binary")?,
+    };
+    let (round, rounds) = if args.smoke {
+        (Duration::from_millis(300), 1)
+    } else {
+        (args.round, args.rounds.max(1))
+    };
+    let work = tempfile::tempdir().context("creating a scratch directory")?;
+    let dir = work.path();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+
+    // Credentials: the mesh CA and the identities both proxy pairs use.
+    let ca = dir.join("ca");
+    minimesh_certs::init_ca(&ca, 2, false)?;
+    let mut files = BTreeMap::new();
+    for name in ["order", "payment", "gateway"] {
+        let (cert, key) = minimesh_certs::issue(
+            &ca,
+            &minimesh_certs::LeafRequest::new(name),
+            &dir.join(name),
+        )?;
+        files.insert(name, (cert, key));
+    }
+    let ca_pem = ca.join(minimesh_certs::CA_CERT);
+    let identity = |name: &str| -> Vec<String> {
+        let (cert, key) = &files[name];
+        vec![
+            s("--ca"),
+            s(ca_pem.display()),
+            s("--cert"),
+            s(cert.display()),
+            s("--key"),
+            s(key.display()),
+        ]
+    };
+
+    let mut procs: Vec<Proc> = Vec::new();
+    let backend = free_port()?;
+    procs.push(spawn(
+        "backend",
+        &bin,
+        &[s("bench"), s("backend"), s("--listen"), s(backend)],
+        &dir.join("backend.log"),
+    )?);
+    let mut scenarios = vec![Scenario {
+        name: "direct",
+        target: format!("http://{backend}"),
+        proxies: vec![],
+        order_proxies: None,
+    }];
+
+    // minimesh: order's sidecar (outbound) → mTLS → payment's (or order's) sidecar (inbound) → backend.
+    let (pay_in, ord_in, out) = (free_port()?, free_port()?, free_port()?);
+    for (service, inbound) in [("payment", pay_in), ("order", ord_in)] {
+        let mut a = vec![
+            s("sidecar"),
+            s("--service"),
+            s(service),
+            s("--inbound"),
+            s(inbound),
+            s("--outbound"),
+            s(free_port()?),
+        ];
+        a.extend([
+            s("--admin"),
+            s(free_port()?),
+            s("--app"),
+            s(backend),
+            s("--allow"),
+            s("order,gateway"),
+        ]);
+        a.extend(identity(service));
+        procs.push(spawn(
+            &format!("{service}-inbound"),
+            &bin,
+            &a,
+            &dir.join(format!("{service}-inbound.log")),
+        )?);
+    }
+    let mut a = vec![
+        s("sidecar"),
+        s("--service"),
+        s("order"),
+        s("--inbound"),
+        s(free_port()?),
+        s("--outbound"),
+        s(out),
+    ];
+    a.extend([s("--admin"), s(free_port()?), s("--app"), s(free_port()?)]);
+    a.extend([
+        s("--upstream"),
+        format!("payment={pay_in}"),
+        s("--upstream"),
+        format!("order={ord_in}"),
+    ]);
+    a.extend(identity("order"));
+    procs.push(spawn(
+        "order-outbound",
+        &bin,
+        &a,
+        &dir.join("order-outbound.log"),
+    )?);
+    let gateway = free_port()?;
+    let mut g = vec![
+        s("gateway"),
+        s("--listen"),
+        s(gateway),
+        s("--admin"),
+        s(free_port()?),
+    ];
+    g.extend([
+        s("--upstream"),
+        format!("payment={pay_in}"),
+        s("--upstream"),
+        format!("order={ord_in}"),
+    ]);
+    g.extend(identity("gateway"));
+    procs.push(spawn("gateway", &bin, &g, &dir.join("gateway.log"))?);
+    let pid =
+        |procs: &[Proc], name: &str| procs.iter().find(|p| p.name == name).and_then(Proc::pid);
+    let path = |first: &str, second: &str| -> Vec<u32> {
+        [first, second]
+            .iter()
+            .filter_map(|n| pid(&procs, n))
+            .collect()
+    };
+    scenarios.push(Scenario {
+        name: "minimesh",
+        target: format!("http://{out}"),
+        proxies: path("order-outbound", "payment-inbound"),
+        order_proxies: Some(path("order-outbound", "order-inbound")),
+    });
+    scenarios.push(Scenario {
+        name: "gateway",
+        target: format!("http://{gateway}"),
+        proxies: path("gateway", "payment-inbound"),
+        order_proxies: Some(path("gateway", "order-inbound")),
+    });
+
+    // HAProxy and nginx pairs, when installed (bench/run.sh installs them).
+    let (cert, key) = &files["payment"];
+    let (client_cert, client_key) = &files["order"];
+    let combined = |cert: &Path, key: &Path, out: &Path| -> anyhow::Result<()> {
+        let mut pem = std::fs::read(cert)?;
+        pem.extend(std::fs::read(key)?);
+        std::fs::write(out, pem)?;
+        Ok(())
+    };
+    if let Some(haproxy) = which("haproxy") {
+        combined(cert, key, &dir.join("server.pem"))?;
+        combined(client_cert, client_key, &dir.join("client.pem"))?;
+        let (a_port, b_port) = (free_port()?, free_port()?);
+        // http-no-delay: streams are interactive, do not wait to fill buffers.
+        let defaults = "defaults\n  mode http\n  option http-no-delay\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+        let a_cfg = format!(
+            "global\n  maxconn 4000\n{defaults}frontend edge\n  bind {a_port} proto h2\n  default_backend mesh\nbackend mesh\n  server b {b_port} ssl verify required ca-file {ca} crt {client} alpn h2 sni str(payment) verifyhost payment\n",
+            ca = ca_pem.display(),
+            client = dir.join("client.pem").display()
+        );
+        let b_cfg = format!(
+            "global\n  maxconn 4000\n{defaults}frontend mesh\n  bind {b_port} ssl crt {server} ca-file {ca} verify required alpn h2\n  default_backend app\nbackend app\n  server app {backend} proto h2\n",
+            ca = ca_pem.display(),
+            server = dir.join("server.pem").display()
+        );
+        for (name, cfg) in [("haproxy-a", a_cfg), ("haproxy-b", b_cfg)] {
+            let path = dir.join(format!("{name}.cfg"));
+            std::fs::write(&path, cfg)?;
+            procs.push(spawn(
+                name,
+                &haproxy,
+                &[s("-db"), s("-f"), s(path.display())],
+                &dir.join(format!("{name}.log")),
+            )?);
+        }
+        let pids = ["haproxy-a", "haproxy-b"]
+            .iter()
+            .filter_map(|n| pid(&procs, n))
+            .collect();
+        scenarios.push(Scenario {
+            name: "haproxy",
+            target: format!("http://{a_port}"),
+            proxies: pids,
+            order_proxies: None,
+        });
+    } else {
+        eprintln!("haproxy not installed: skipping the HAProxy pair");
+    }
+    if let Some(nginx) = which("nginx") {
+        let (a_port, b_port) = (free_port()?, free_port()?);
+        let common = |name: &str| {
+            let base = dir.join(name);
+            let _ = std::fs::create_dir_all(&base);
+            format!(
+                "master_process off;\ndaemon off;\npid {base}/nginx.pid;\nerror_log {base}/error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {base}/body;\n  proxy_temp_path {base}/proxy;\n  fastcgi_temp_path {base}/fastcgi;\n  uwsgi_temp_path {base}/uwsgi;\n  scgi_temp_path {base}/scgi;\n  http2_max_requests 100000000;\n  keepalive_requests 100000000;\n",
+                base = base.display()
+            )
+        };
+        let a_cfg = format!(
+            "{}  upstream mesh {{ server {b_port}; keepalive 64; }}\n  server {{\n    listen {a_port} http2;\n    location / {{\n      grpc_pass grpcs://mesh;\n      grpc_ssl_certificate {cert};\n      grpc_ssl_certificate_key {key};\n      grpc_ssl_trusted_certificate {ca};\n      grpc_ssl_verify on;\n      grpc_ssl_name payment;\n      grpc_ssl_server_name on;\n      grpc_ssl_protocols TLSv1.3;\n      grpc_read_timeout 60s;\n      grpc_send_timeout 60s;\n    }}\n  }}\n}}\n",
+            common("nginx-a"),
+            cert = client_cert.display(),
+            key = client_key.display(),
+            ca = ca_pem.display()
+        );
+        let b_cfg = format!(
+            "{}  upstream app {{ server {backend}; keepalive 64; }}\n  server {{\n    listen {b_port} ssl http2;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_client_certificate {ca};\n    ssl_verify_client on;\n    ssl_protocols TLSv1.3;\n    location / {{\n      grpc_pass grpc://app;\n      grpc_read_timeout 60s;\n      grpc_send_timeout 60s;\n    }}\n  }}\n}}\n",
+            common("nginx-b"),
+            cert = cert.display(),
+            key = key.display(),
+            ca = ca_pem.display()
+        );
+        for (name, cfg) in [("nginx-a", a_cfg), ("nginx-b", b_cfg)] {
+            let path = dir.join(format!("{name}.conf"));
+            std::fs::write(&path, cfg)?;
+            procs.push(spawn(
+                name,
+                &nginx,
+                &[
+                    s("-c"),
+                    s(path.display()),
+                    s("-e"),
+                    s(dir.join(name).join("startup.log").display()),
+                ],
+                &dir.join(format!("{name}.log")),
+            )?);
+        }
+        let pids = ["nginx-a", "nginx-b"]
+            .iter()
+            .filter_map(|n| pid(&procs, n))
+            .collect();
+        scenarios.push(Scenario {
+            name: "nginx",
+            target: format!("http://{a_port}"),
+            proxies: pids,
+            order_proxies: None,
+        });
+    } else {
+        eprintln!("nginx not installed: skipping the nginx pair");
+    }
+    scenarios.retain(|sc| !args.skip.iter().any(|skip| skip == sc.name));
+
+    for scenario in &scenarios {
+        if let Err(err) = wait_for(&scenario.target, scenario.name).await {
+            // Keep the configs and logs for a look.
+            let kept = work.keep();
+            bail!("{err}; configs and logs kept in {}", kept.display());
+        }
+    }
+
+    let plan = workloads(round);
+    let mut cells: Vec<BTreeMap<String, Cell>> = plan.iter().map(|_| BTreeMap::new()).collect();
+    for round_no in 0..rounds {
+        for (w, workload) in plan.iter().enumerate() {
+            for scenario in &scenarios {
+                let proxies = scenario.proxies_for(workload.call);
+                let before: Vec<f64> = proxies
+                    .iter()
+                    .map(|&p| procstat::sample(p).map(|x| x.cpu_seconds).unwrap_or(0.0))
+                    .collect();
+                let report = load::run(&scenario.target, workload).await?;
+                let after: Vec<procstat::ProcSample> = proxies
+                    .iter()
+                    .map(|&p| procstat::sample(p).unwrap_or_default())
+                    .collect();
+                let cell = cells[w].entry(scenario.name.to_owned()).or_default();
+                cell.proxy_cpu_seconds += after
+                    .iter()
+                    .zip(&before)
+                    .map(|(a, b)| (a.cpu_seconds - b).max(0.0))
+                    .sum::<f64>();
+                cell.proxy_peak_rss_kib = after.iter().map(|a| a.peak_rss_kib).collect();
+                if cell.report.elapsed_s == 0.0 && cell.report.ok == 0 {
+                    cell.report = report;
+                } else {
+                    cell.report.merge(&report);
+                }
+                eprintln!(
+                    "round {}/{rounds} {:?} {}B c={} {:>9}: {:>10.0}/s",
+                    round_no + 1,
+                    workload.call,
+                    workload.payload,
+                    workload.concurrency,
+                    scenario.name,
+                    cell.report.per_second
+                );
+            }
+        }
+    }
+    drop(procs);
+
+    let results = Results {
+        machine: machine(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        rounds,
+        round_seconds: round.as_secs_f64(),
+        workloads: plan.into_iter().zip(cells).collect(),
+    };
+    let json = serde_json::to_string_pretty(&results)?;
+    std::fs::write(args.out.join("results.json"), json)?;
+    let table = markdown(&results);
+    std::fs::write(args.out.join("results.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+fn markdown(results: &Results) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Machine: {} cores, {}, Linux {}. {} round(s) of {:.1} s per scenario and workload, scenarios interleaved.\n\n",
+        results.machine.get("cores").cloned().unwrap_or_default(),
+        results.machine.get("cpu").cloned().unwrap_or_default(),
+        results.machine.get("kernel").cloned().unwrap_or_default(),
+        results.rounds,
+        results.round_seconds
+    ));
+    for (workload, cells) in &results.workloads {
+        let kind = match workload.call {
+            Call::Unary => "unary calls/s",
+            Call::ServerStream => "server-stream msgs/s",
+            Call::Bidi => "bidi msgs/s",
+        };
+        out.push_str(&format!(
+            "### {:?}, {} B, concurrency {}\n\n",
+            workload.call, workload.payload, workload.concurrency
+        ));
+        out.push_str(&format!("| scenario | {kind} | × direct | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s | per proxy CPU-s | × HAProxy | proxy peak RSS MiB |\n"));
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        let direct = cells
+            .get("direct")
+            .map(|c| c.report.per_second)
+            .unwrap_or(0.0);
+        let efficiency = |c: &Cell| {
+            if c.proxy_cpu_seconds > 0.0 {
+                c.report.ok as f64 / c.proxy_cpu_seconds
+            } else {
+                0.0
+            }
+        };
+        let haproxy = cells.get("haproxy").map(efficiency).unwrap_or(0.0);
+        for (name, cell) in cells {
+            let r = &cell.report;
+            let (p50, p99, p999) = r
+                .latency
+                .as_ref()
+                .map(|l| {
+                    (
+                        l.p50_us.to_string(),
+                        l.p99_us.to_string(),
+                        l.p999_us.to_string(),
+                    )
+                })
+                .unwrap_or_default();
+            let errors: u64 = r.errors.values().sum();
+            let per_cpu = efficiency(cell);
+            let rss = cell
+                .proxy_peak_rss_kib
+                .iter()
+                .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(" + ");
+            out.push_str(&format!(
+                "| {name} | {:.0} | {} | {p50} | {p99} | {p999} | {errors} | {:.2} | {} | {} | {} |\n",
+                r.per_second,
+                if direct > 0.0 { format!("{:.2}", r.per_second / direct) } else { "-".into() },
+                cell.proxy_cpu_seconds,
+                if per_cpu > 0.0 { format!("{per_cpu:.0}") } else { "-".into() },
+                if haproxy > 0.0 && per_cpu > 0.0 { format!("{:.2}", per_cpu / haproxy) } else { "-".into() },
+                if rss.is_empty() { "-".into() } else { rss },
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}

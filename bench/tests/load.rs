@@ -1,0 +1,93 @@
+//! The load generator against the echo backend on a loopback port: every
+//! kind of call is counted, and failures are counted by status, not hidden.
+
+use minimesh_bench::load::{Call, Workload, run};
+use std::time::Duration;
+
+async fn backend() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(minimesh_bench::backend::serve(listener));
+    url
+}
+
+fn workload(call: Call, concurrency: usize, rate: Option<f64>) -> Workload {
+    Workload {
+        call,
+        payload: 100,
+        concurrency,
+        rate,
+        duration: Duration::from_millis(300),
+    }
+}
+
+#[tokio::test]
+async fn every_call_kind_is_counted_without_errors() {
+    let target = backend().await;
+    for (call, concurrency, rate) in [
+        (Call::Unary, 1, None),
+        (Call::Unary, 8, None),
+        (Call::Unary, 1, Some(200.0)),
+        (Call::ServerStream, 2, None),
+        (Call::Bidi, 2, None),
+    ] {
+        let report = run(&target, &workload(call, concurrency, rate))
+            .await
+            .unwrap();
+        assert!(report.ok > 0, "{call:?}: nothing counted");
+        assert!(report.errors.is_empty(), "{call:?}: {:?}", report.errors);
+        assert!(report.per_second > 0.0);
+        if call == Call::Unary {
+            let latency = report.latency.expect("unary calls have latencies");
+            assert!(latency.p50_us <= latency.p99_us && latency.p99_us <= latency.max_us);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_open_loop_run_starts_calls_on_schedule() {
+    let target = backend().await;
+    let report = run(
+        &target,
+        &Workload {
+            duration: Duration::from_millis(500),
+            ..workload(Call::Unary, 1, Some(100.0))
+        },
+    )
+    .await
+    .unwrap();
+    // 100/s for half a second: 50 calls scheduled, all of which complete.
+    assert_eq!(report.ok, 50, "{report:?}");
+}
+
+#[tokio::test]
+async fn failures_are_counted_by_status() {
+    // A gRPC server without the shop services: every call is UNIMPLEMENTED.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}", listener.local_addr().unwrap());
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let report = run(&target, &workload(Call::Unary, 2, None)).await.unwrap();
+    assert_eq!(report.ok, 0);
+    let unimplemented: u64 = report
+        .errors
+        .iter()
+        .filter(|(k, _)| k.starts_with("Unimplemented"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(unimplemented > 0, "{:?}", report.errors);
+
+    // No server at all: the run cannot start, and says so.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = run(&format!("http://{dead}"), &workload(Call::Unary, 1, None))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+}
