@@ -66,6 +66,11 @@ struct TelemetryArgs {
 struct ProxyArgs<T: clap::Args> {
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    /// Runtime worker threads. A sidecar defaults to 1: it shares its pod's
+    /// CPU with the application, and one thread spares every cross-thread
+    /// wake-up (see BENCHMARKS.md). The gateway defaults to one per core.
+    #[arg(long, env = "MINIMESH_PROXY_THREADS")]
+    threads: Option<usize>,
     #[command(flatten)]
     proxy: T,
 }
@@ -122,10 +127,24 @@ enum ServiceCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the Tokio runtime")?;
+    let threads = match &cli.command {
+        Command::Sidecar(args) => Some(args.threads.unwrap_or(1)),
+        Command::Gateway(args) => args.threads,
+        _ => None,
+    };
+    let runtime = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) if n > 1 => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+    .context("starting the Tokio runtime")?;
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(args).await,

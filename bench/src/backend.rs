@@ -130,6 +130,8 @@ pub async fn serve(listener: TcpListener) -> Result<(), tonic::transport::Error>
     tonic::transport::Server::builder()
         .add_service(PaymentServiceServer::new(Echo).max_decoding_message_size(MAX))
         .add_service(OrderServiceServer::new(Echo).max_decoding_message_size(MAX))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        )
         .await
 }

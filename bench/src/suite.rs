@@ -126,9 +126,12 @@ fn workloads(duration: Duration) -> Vec<Workload> {
     vec![
         w(Call::Unary, 100, 1),
         w(Call::Unary, 100, 64),
+        w(Call::Unary, 10 * 1024, 1),
         w(Call::Unary, 10 * 1024, 64),
         w(Call::ServerStream, 100, 4),
         w(Call::Bidi, 100, 4),
+        // The RSS target is stated at 64 concurrent streams.
+        w(Call::Bidi, 100, 64),
     ]
 }
 

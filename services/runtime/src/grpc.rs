@@ -4,9 +4,9 @@
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -69,7 +69,11 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .serve_with_incoming_shutdown(
+            // Nagle plus delayed ACKs would hold back small responses by ~40 ms.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            drain,
+        )
         .await?;
     Ok(())
 }
