@@ -78,6 +78,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("{json}");
             Ok(())
         }
-        BenchCommand::Suite(args) => suite::run(args).await,
+        BenchCommand::Suite(args) => {
+            // Returning (rather than dying) on a signal drops the suite's
+            // processes and scratch directory, which cleans them up.
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                result = suite::run(args) => result,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+                _ = terminate.recv() => anyhow::bail!("terminated"),
+            }
+        }
     }
 }

@@ -58,7 +58,17 @@ impl Drop for Proc {
 fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
-    let child = Command::new(program)
+    let mut command = Command::new(program);
+    // SAFETY: the closure runs between fork and exec and only makes prctl(2),
+    // which is async-signal-safe. If the suite is killed outright, its
+    // children follow instead of lingering.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)

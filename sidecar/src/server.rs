@@ -735,9 +735,10 @@ async fn serve_mesh(
             let caller = peer_identity(stream.get_ref().1);
             let service = hyper::service::service_fn(move |request| {
                 let (state, caller) = (state.clone(), caller.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(handle_inbound(state, caller, request).await)
-                }
+                // Boxed: hyper moves each stream's future into a task of its
+                // own, and a large future costs a memcpy at every move.
+                let call = Box::pin(handle_inbound(state, caller, request));
+                async move { Ok::<_, std::convert::Infallible>(call.await) }
             });
             let connection = h2_server().serve_connection(TokioIo::new(stream), service);
             if let Err(err) = watcher.watch(connection).await {
@@ -774,7 +775,8 @@ async fn serve_plain(
             let _guard = metrics.connection(INBOUND);
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle_outbound(state, request).await) }
+                let call = Box::pin(handle_outbound(state, request));
+                async move { Ok::<_, std::convert::Infallible>(call.await) }
             });
             let connection = h2_server().serve_connection(TokioIo::new(tcp), service);
             if let Err(err) = watcher.watch(connection).await {
