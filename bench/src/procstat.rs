@@ -39,6 +39,12 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// Resets a process's peak RSS to its current RSS (clear_refs, Linux 4.0+),
+/// so the next sample's peak belongs to what ran in between.
+pub fn reset_peak(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

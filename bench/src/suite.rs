@@ -453,7 +453,10 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
                 let proxies = scenario.proxies_for(workload.call);
                 let before: Vec<f64> = proxies
                     .iter()
-                    .map(|&p| procstat::sample(p).map(|x| x.cpu_seconds).unwrap_or(0.0))
+                    .map(|&p| {
+                        procstat::reset_peak(p);
+                        procstat::sample(p).map(|x| x.cpu_seconds).unwrap_or(0.0)
+                    })
                     .collect();
                 let report = load::run(&scenario.target, workload).await?;
                 let after: Vec<procstat::ProcSample> = proxies
@@ -466,7 +469,11 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
                     .zip(&before)
                     .map(|(a, b)| (a.cpu_seconds - b).max(0.0))
                     .sum::<f64>();
-                cell.proxy_peak_rss_kib = after.iter().map(|a| a.peak_rss_kib).collect();
+                // The highest peak any round of this workload reached.
+                cell.proxy_peak_rss_kib.resize(after.len(), 0);
+                for (peak, sample) in cell.proxy_peak_rss_kib.iter_mut().zip(&after) {
+                    *peak = (*peak).max(sample.peak_rss_kib);
+                }
                 if cell.report.elapsed_s == 0.0 && cell.report.ok == 0 {
                     cell.report = report;
                 } else {
@@ -529,7 +536,7 @@ fn markdown(results: &Results) -> String {
             "### {:?}, {} B, concurrency {}\n\n",
             workload.call, workload.payload, workload.concurrency
         ));
-        out.push_str(&format!("| scenario | {kind} | × direct | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s | per proxy CPU-s | × HAProxy | proxy peak RSS MiB |\n"));
+        out.push_str(&format!("| scenario | {kind} | × direct | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s | done per proxy CPU-s | × HAProxy | proxy peak RSS MiB |\n"));
         out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         let direct = cells
             .get("direct")

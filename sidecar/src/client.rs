@@ -101,7 +101,8 @@ impl Connection {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .adaptive_window(true);
+            .initial_stream_window_size(crate::window::STREAM)
+            .initial_connection_window_size(crate::window::CONNECTION);
         let guard = self.metrics.connection(OUTBOUND);
         let sender = match &self.transport {
             Transport::Plain => {

@@ -22,4 +22,12 @@ pub mod server;
 pub mod tls;
 pub mod upstream;
 
+/// HTTP/2 flow-control windows for every connection the proxy serves or
+/// opens. Fixed rather than adaptive: a proxy buffers up to a window per
+/// stream, so the window bounds its memory (see BENCHMARKS.md).
+pub mod window {
+    pub const STREAM: u32 = 256 * 1024;
+    pub const CONNECTION: u32 = 1024 * 1024;
+}
+
 pub use server::{GatewayArgs, SidecarArgs, SidecarError, run_gateway, run_sidecar};

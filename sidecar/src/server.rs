@@ -681,7 +681,8 @@ fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
-        .adaptive_window(true)
+        .initial_stream_window_size(crate::window::STREAM)
+        .initial_connection_window_size(crate::window::CONNECTION)
         .max_concurrent_streams(10_000);
     builder
 }
