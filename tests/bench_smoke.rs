@@ -45,14 +45,15 @@ async fn the_benchmark_suite_runs_every_scenario() {
                 "{scenario}: {report}"
             );
         }
-        // Proxy scenarios measured their proxies.
-        assert_eq!(
-            cells["minimesh"]["proxy_peak_rss_kib"]
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
+        // Proxy scenarios measured both of their proxies.
+        for series in ["proxy_peak_rss_kib", "proxy_peak_anon_kib"] {
+            let peaks = cells["minimesh"][series].as_array().unwrap();
+            assert_eq!(peaks.len(), 2, "{series}");
+            assert!(
+                peaks.iter().all(|kib| kib.as_u64().unwrap() > 0),
+                "{series}"
+            );
+        }
     }
     let table = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(table.contains("| minimesh |") && table.contains("× direct"));

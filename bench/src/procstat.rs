@@ -11,6 +11,10 @@ pub struct ProcSample {
     pub peak_rss_kib: u64,
     /// Current resident set size, KiB (VmRSS).
     pub rss_kib: u64,
+    /// Current private anonymous memory, KiB (RssAnon): the heap and stacks,
+    /// without the binary's code pages, which every process of the same
+    /// binary shares through the page cache.
+    pub anon_kib: u64,
 }
 
 /// Reads a process's CPU time and memory; None when it is gone or unreadable.
@@ -36,6 +40,7 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
         cpu_seconds: (utime + stime) / TICKS_PER_SECOND,
         peak_rss_kib: kib("VmHWM:")?,
         rss_kib: kib("VmRSS:")?,
+        anon_kib: kib("RssAnon:")?,
     })
 }
 
@@ -43,6 +48,42 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
 /// so the next sample's peak belongs to what ran in between.
 pub fn reset_peak(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// Samples the processes' anonymous memory every 20 ms until dropped and
+/// keeps each one's highest reading (the kernel keeps no peak for it).
+pub struct AnonPeaks {
+    peaks: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AnonPeaks {
+    pub fn start(pids: &[u32]) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let peaks: std::sync::Arc<Vec<AtomicU64>> =
+            std::sync::Arc::new(pids.iter().map(|_| AtomicU64::new(0)).collect());
+        let (pids, shared) = (pids.to_vec(), peaks.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+            loop {
+                tick.tick().await;
+                for (pid, peak) in pids.iter().zip(shared.iter()) {
+                    if let Some(now) = sample(*pid) {
+                        peak.fetch_max(now.anon_kib, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        Self { peaks, task }
+    }
+
+    pub fn finish(self) -> Vec<u64> {
+        self.task.abort();
+        self.peaks
+            .iter()
+            .map(|p| p.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
 }
 
 #[cfg(test)]

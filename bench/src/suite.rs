@@ -114,6 +114,8 @@ struct Cell {
     report: Report,
     proxy_cpu_seconds: f64,
     proxy_peak_rss_kib: Vec<u64>,
+    /// Peak private anonymous memory per proxy, sampled every 20 ms.
+    proxy_peak_anon_kib: Vec<u64>,
 }
 
 #[derive(Serialize)]
@@ -458,7 +460,9 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
                         procstat::sample(p).map(|x| x.cpu_seconds).unwrap_or(0.0)
                     })
                     .collect();
+                let anon = procstat::AnonPeaks::start(proxies);
                 let report = load::run(&scenario.target, workload).await?;
+                let anon = anon.finish();
                 let after: Vec<procstat::ProcSample> = proxies
                     .iter()
                     .map(|&p| procstat::sample(p).unwrap_or_default())
@@ -473,6 +477,10 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
                 cell.proxy_peak_rss_kib.resize(after.len(), 0);
                 for (peak, sample) in cell.proxy_peak_rss_kib.iter_mut().zip(&after) {
                     *peak = (*peak).max(sample.peak_rss_kib);
+                }
+                cell.proxy_peak_anon_kib.resize(anon.len(), 0);
+                for (peak, sampled) in cell.proxy_peak_anon_kib.iter_mut().zip(&anon) {
+                    *peak = (*peak).max(*sampled);
                 }
                 if cell.report.elapsed_s == 0.0 && cell.report.ok == 0 {
                     cell.report = report;
@@ -536,8 +544,8 @@ fn markdown(results: &Results) -> String {
             "### {:?}, {} B, concurrency {}\n\n",
             workload.call, workload.payload, workload.concurrency
         ));
-        out.push_str(&format!("| scenario | {kind} | × direct | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s | done per proxy CPU-s | × HAProxy | proxy peak RSS MiB |\n"));
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        out.push_str(&format!("| scenario | {kind} | × direct | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s | done per proxy CPU-s | × HAProxy | proxy peak RSS MiB | proxy peak anon MiB |\n"));
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
         let direct = cells
             .get("direct")
             .map(|c| c.report.per_second)
@@ -571,14 +579,21 @@ fn markdown(results: &Results) -> String {
                 .map(|k| format!("{:.1}", *k as f64 / 1024.0))
                 .collect::<Vec<_>>()
                 .join(" + ");
+            let anon = cell
+                .proxy_peak_anon_kib
+                .iter()
+                .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(" + ");
             out.push_str(&format!(
-                "| {name} | {:.0} | {} | {p50} | {p99} | {p999} | {errors} | {:.2} | {} | {} | {} |\n",
+                "| {name} | {:.0} | {} | {p50} | {p99} | {p999} | {errors} | {:.2} | {} | {} | {} | {} |\n",
                 r.per_second,
                 if direct > 0.0 { format!("{:.2}", r.per_second / direct) } else { "-".into() },
                 cell.proxy_cpu_seconds,
                 if per_cpu > 0.0 { format!("{per_cpu:.0}") } else { "-".into() },
                 if haproxy > 0.0 && per_cpu > 0.0 { format!("{:.2}", per_cpu / haproxy) } else { "-".into() },
                 if rss.is_empty() { "-".into() } else { rss },
+                if anon.is_empty() { "-".into() } else { anon },
             ));
         }
         out.push('\n');
