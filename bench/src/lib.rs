@@ -45,8 +45,12 @@ pub struct LoadArgs {
     /// Open loop: calls per second on a fixed schedule (unary only).
     #[arg(long)]
     pub rate: Option<f64>,
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
-    pub duration: Duration,
+    /// How long to run (default 10s; with --count, no limit but an hour).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many calls (unary) or messages received (streams).
+    #[arg(long)]
+    pub count: Option<u64>,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -66,7 +70,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 payload: args.payload,
                 concurrency: args.concurrency,
                 rate: args.rate,
-                duration: args.duration,
+                duration: args.duration.unwrap_or(if args.count.is_some() {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::from_secs(10)
+                }),
+                count: args.count,
             };
             let report = load::run(&args.target, &workload).await?;
             let json = serde_json::to_string_pretty(

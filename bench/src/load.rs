@@ -37,8 +37,12 @@ pub struct Workload {
     pub concurrency: usize,
     /// Calls per second for an open-loop unary run; None runs closed-loop.
     pub rate: Option<f64>,
+    /// How long to run: the limit, or the cap when `count` is set.
     #[serde(with = "humantime_serde_shim")]
     pub duration: Duration,
+    /// Stop after this many calls (unary) or messages received (streams).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 mod humantime_serde_shim {
@@ -168,17 +172,22 @@ async fn closed_loop(channel: Channel, workload: &Workload) -> Result<Report, Lo
     };
     let started = Instant::now();
     let deadline = started + workload.duration;
+    let issued = Arc::new(AtomicU64::new(0));
+    let count = workload.count;
     let mut tasks = Vec::new();
     for _ in 0..workload.concurrency.max(1) {
         let mut client =
             PaymentServiceClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
         let request = request.clone();
+        let issued = issued.clone();
         let mut report = Report {
             histogram: Some(histogram()?),
             ..Report::default()
         };
         tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
+            while Instant::now() < deadline
+                && count.is_none_or(|n| issued.fetch_add(1, Ordering::Relaxed) < n)
+            {
                 let call = Instant::now();
                 match client.get_payment(request.clone()).await {
                     Ok(_) => {
@@ -232,7 +241,7 @@ async fn open_loop(channel: Channel, workload: &Workload, rate: f64) -> Result<R
     let mut n: u32 = 0;
     loop {
         let intended = started + period * n;
-        if intended >= deadline {
+        if intended >= deadline || workload.count.is_some_and(|count| u64::from(n) >= count) {
             break;
         }
         tokio::time::sleep_until(intended).await;
@@ -278,6 +287,7 @@ const STREAM_GRACE: Duration = Duration::from_secs(5);
 
 async fn server_streams(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
     let received = Arc::new(AtomicU64::new(0));
+    let count = workload.count;
     let started = Instant::now();
     let deadline = started + workload.duration;
     let mut tasks = Vec::new();
@@ -295,7 +305,12 @@ async fn server_streams(channel: Channel, workload: &Workload) -> Result<Report,
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => return None,
                     next = stream.message() => match next {
-                        Ok(Some(_)) => { received.fetch_add(1, Ordering::Relaxed); }
+                        Ok(Some(_)) => {
+                            let seen = received.fetch_add(1, Ordering::Relaxed) + 1;
+                            if count.is_some_and(|n| seen >= n) {
+                                return None;
+                            }
+                        }
                         Ok(None) => return Some("Ended".to_owned()),
                         Err(status) => return Some(code_name(&status)),
                     },
@@ -315,6 +330,7 @@ async fn server_streams(channel: Channel, workload: &Workload) -> Result<Report,
 
 async fn bidi_streams(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
     let received = Arc::new(AtomicU64::new(0));
+    let count = workload.count;
     let started = Instant::now();
     let deadline = started + workload.duration;
     let mut tasks = Vec::new();
@@ -327,9 +343,15 @@ async fn bidi_streams(channel: Channel, workload: &Workload) -> Result<Report, L
         };
         let received = received.clone();
         tasks.push(tokio::spawn(async move {
-            // Requests are produced until the deadline; flow control paces them.
-            let requests = futures::stream::repeat(message)
-                .take_while(move |_| std::future::ready(Instant::now() < deadline));
+            // Requests are produced until the deadline (or until enough results
+            // came back); flow control paces them.
+            let produced = received.clone();
+            let requests = futures::stream::repeat(message).take_while(move |_| {
+                std::future::ready(
+                    Instant::now() < deadline
+                        && count.is_none_or(|n| produced.load(Ordering::Relaxed) < n),
+                )
+            });
             let mut results = match client.charge_stream(requests).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => return Some(code_name(&status)),

@@ -134,6 +134,7 @@ fn workloads(duration: Duration) -> Vec<Workload> {
         concurrency,
         rate: None,
         duration,
+        count: None,
     };
     vec![
         w(Call::Unary, 100, 1),
@@ -154,6 +155,7 @@ async fn wait_for(target: &str, what: &str) -> anyhow::Result<()> {
         concurrency: 1,
         rate: None,
         duration: Duration::from_millis(50),
+        count: None,
     };
     for _ in 0..200 {
         if let Ok(report) = load::run(target, &probe).await

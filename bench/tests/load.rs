@@ -18,6 +18,7 @@ fn workload(call: Call, concurrency: usize, rate: Option<f64>) -> Workload {
         concurrency,
         rate,
         duration: Duration::from_millis(300),
+        count: None,
     }
 }
 
@@ -90,4 +91,42 @@ async fn failures_are_counted_by_status() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("cannot connect"), "{err}");
+}
+
+#[tokio::test]
+async fn a_count_stops_the_run_at_exactly_that_many_calls() {
+    let target = backend().await;
+    let long = Duration::from_secs(60);
+    for (concurrency, rate) in [(4, None), (1, Some(500.0))] {
+        let report = run(
+            &target,
+            &Workload {
+                duration: long,
+                count: Some(37),
+                ..workload(Call::Unary, concurrency, rate)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.ok, 37, "c={concurrency} rate={rate:?}: {report:?}");
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+    // Streams stop once that many messages have arrived (a few more may be in flight).
+    for call in [Call::ServerStream, Call::Bidi] {
+        let report = run(
+            &target,
+            &Workload {
+                duration: long,
+                count: Some(1000),
+                ..workload(call, 2, None)
+            },
+        )
+        .await
+        .unwrap();
+        assert!(report.ok >= 1000, "{call:?}: {report:?}");
+        assert!(
+            report.elapsed_s < long.as_secs_f64(),
+            "{call:?} ran to the cap"
+        );
+    }
 }
