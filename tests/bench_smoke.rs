@@ -46,6 +46,13 @@ async fn the_benchmark_suite_runs_every_scenario() {
             );
         }
         // Proxy scenarios measured both of their proxies.
+        assert_eq!(
+            cells["minimesh"]["proxy_cpu_seconds_each"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
         for series in ["proxy_peak_rss_kib", "proxy_peak_anon_kib"] {
             let peaks = cells["minimesh"][series].as_array().unwrap();
             assert_eq!(peaks.len(), 2, "{series}");

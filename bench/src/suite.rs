@@ -112,7 +112,10 @@ impl Scenario {
 #[derive(Debug, Default, Serialize)]
 struct Cell {
     report: Report,
+    /// CPU seconds of the scenario's proxies together...
     proxy_cpu_seconds: f64,
+    /// ...and of each one, in path order.
+    proxy_cpu_seconds_each: Vec<f64>,
     proxy_peak_rss_kib: Vec<u64>,
     /// Peak private anonymous memory per proxy, sampled every 20 ms.
     proxy_peak_anon_kib: Vec<u64>,
@@ -470,11 +473,16 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
                     .map(|&p| procstat::sample(p).unwrap_or_default())
                     .collect();
                 let cell = cells[w].entry(scenario.name.to_owned()).or_default();
-                cell.proxy_cpu_seconds += after
+                let used: Vec<f64> = after
                     .iter()
                     .zip(&before)
                     .map(|(a, b)| (a.cpu_seconds - b).max(0.0))
-                    .sum::<f64>();
+                    .collect();
+                cell.proxy_cpu_seconds += used.iter().sum::<f64>();
+                cell.proxy_cpu_seconds_each.resize(used.len(), 0.0);
+                for (total, more) in cell.proxy_cpu_seconds_each.iter_mut().zip(&used) {
+                    *total += more;
+                }
                 // The highest peak any round of this workload reached.
                 cell.proxy_peak_rss_kib.resize(after.len(), 0);
                 for (peak, sample) in cell.proxy_peak_rss_kib.iter_mut().zip(&after) {
