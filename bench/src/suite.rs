@@ -73,7 +73,12 @@ fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Res
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .env("RUST_LOG", "warn")
+        // The components' own default (info) unless the caller sets RUST_LOG:
+        // what users run is what gets measured.
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+        )
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {name} ({})", program.display()))?;

@@ -21,6 +21,12 @@ use tracing_subscriber::util::SubscriberInitExt;
 static DROPPED_SPANS: AtomicU64 = AtomicU64::new(0);
 /// Spans exported successfully.
 static EXPORTED_SPANS: AtomicU64 = AtomicU64::new(0);
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans go anywhere: an OTLP endpoint was configured.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 pub fn dropped_spans() -> u64 {
     DROPPED_SPANS.load(Ordering::Relaxed)
@@ -93,7 +99,8 @@ pub fn init(
     let fmt = tracing_subscriber::fmt::layer()
         .json()
         .with_current_span(true)
-        .with_span_list(false);
+        .with_span_list(false)
+        .fmt_fields(LogSpanFields);
     let Some(endpoint) = otlp_endpoint.filter(|e| !e.is_empty()) else {
         let _ = tracing_subscriber::registry()
             .with(filter)
@@ -127,6 +134,7 @@ pub fn init(
         .build();
     let tracer = provider.tracer(name);
     opentelemetry::global::set_tracer_provider(provider.clone());
+    EXPORTING.store(true, Ordering::Relaxed);
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
@@ -135,4 +143,137 @@ pub fn init(
     Ok(Telemetry {
         provider: Some(provider),
     })
+}
+
+/// The span fields JSON log lines carry: the call's name and the ids that tie
+/// a line to its trace. tracing-subscriber's JSON field formatter re-parses
+/// and re-serialises a span's fields on every `Span::record`, which at the
+/// default log level cost the sidecar a third of its calls per CPU-second
+/// (BENCHMARKS.md); this one ignores other fields and appends the ids, which
+/// are recorded once, without parsing. Spans keep every field for OpenTelemetry.
+struct LogSpanFields;
+
+const LOGGED_SPAN_FIELDS: [&str; 3] = ["otel.name", "trace_id", "span_id"];
+
+/// Writes `"name":"value"` pairs, comma-separated, for the logged fields.
+struct KeepLogged<'a> {
+    out: &'a mut String,
+}
+
+impl tracing::field::Visit for KeepLogged<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if LOGGED_SPAN_FIELDS.contains(&field.name()) {
+            if !self.out.is_empty() {
+                self.out.push(',');
+            }
+            // Serialising a string cannot fail; the fallback is unreachable.
+            self.out
+                .push_str(&serde_json::to_string(field.name()).unwrap_or_default());
+            self.out.push(':');
+            self.out
+                .push_str(&serde_json::to_string(value).unwrap_or_default());
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if LOGGED_SPAN_FIELDS.contains(&field.name()) {
+            self.record_str(field, &format!("{value:?}"));
+        }
+    }
+}
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for LogSpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut kept = String::new();
+        fields.record(&mut KeepLogged { out: &mut kept });
+        write!(writer, "{{{kept}}}")
+    }
+
+    fn add_fields(
+        &self,
+        current: &'writer mut tracing_subscriber::fmt::FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> std::fmt::Result {
+        let mut kept = String::new();
+        fields.record(&mut KeepLogged { out: &mut kept });
+        if kept.is_empty() {
+            return Ok(());
+        }
+        // `current` is a JSON object: add the new pairs before its closing brace.
+        match current.fields.strip_suffix('}') {
+            Some(open) if open.len() > 1 => current.fields = format!("{open},{kept}}}"),
+            _ => current.fields = format!("{{{kept}}}"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod log_fields_tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_carry_the_span_ids_and_name_and_nothing_else() {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .fmt_fields(LogSpanFields)
+                .with_writer(move || sink.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "rpc",
+                otel.name = "shop.v1.S/M",
+                rpc.method = "M",
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+                status = tracing::field::Empty
+            );
+            span.record("status", 3);
+            span.record(
+                "trace_id",
+                tracing::field::display("0af7651916cd43dd8448eb211c80319c"),
+            );
+            span.record("span_id", "b7ad6b7169203331");
+            span.in_scope(|| tracing::info!(order = "o-1", "order \"quoted\" created"));
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        let span = &line["span"];
+        assert_eq!(
+            span["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+            "{line}"
+        );
+        assert_eq!(span["span_id"], "b7ad6b7169203331");
+        assert_eq!(span["otel.name"], "shop.v1.S/M");
+        assert!(
+            span.get("rpc.method").is_none() && span.get("status").is_none(),
+            "{line}"
+        );
+        assert_eq!(line["fields"]["message"], "order \"quoted\" created");
+        assert_eq!(line["fields"]["order"], "o-1");
+    }
 }
