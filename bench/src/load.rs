@@ -282,6 +282,23 @@ async fn open_loop(channel: Channel, workload: &Workload, rate: f64) -> Result<R
     Ok(report.finish(started.elapsed()))
 }
 
+/// Waits for every stream task (each returns how it failed, if it did) and
+/// counts the messages they received.
+async fn stream_report(
+    tasks: Vec<tokio::task::JoinHandle<Option<String>>>,
+    received: &AtomicU64,
+    started: Instant,
+) -> Report {
+    let mut report = Report::default();
+    for task in tasks {
+        if let Ok(Some(error)) = task.await {
+            *report.errors.entry(error).or_default() += 1;
+        }
+    }
+    report.ok = received.load(Ordering::Relaxed);
+    report.finish(started.elapsed())
+}
+
 /// How long a stream may take to finish after its workload's end.
 const STREAM_GRACE: Duration = Duration::from_secs(5);
 
@@ -318,14 +335,7 @@ async fn server_streams(channel: Channel, workload: &Workload) -> Result<Report,
             }
         }));
     }
-    let mut report = Report::default();
-    for task in tasks {
-        if let Ok(Some(error)) = task.await {
-            *report.errors.entry(error).or_default() += 1;
-        }
-    }
-    report.ok = received.load(Ordering::Relaxed);
-    Ok(report.finish(started.elapsed()))
+    Ok(stream_report(tasks, &received, started).await)
 }
 
 async fn bidi_streams(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
@@ -371,12 +381,5 @@ async fn bidi_streams(channel: Channel, workload: &Workload) -> Result<Report, L
             }
         }));
     }
-    let mut report = Report::default();
-    for task in tasks {
-        if let Ok(Some(error)) = task.await {
-            *report.errors.entry(error).or_default() += 1;
-        }
-    }
-    report.ok = received.load(Ordering::Relaxed);
-    Ok(report.finish(started.elapsed()))
+    Ok(stream_report(tasks, &received, started).await)
 }
