@@ -300,7 +300,7 @@ async fn stream_report(
 }
 
 /// How long a stream may take to finish after its workload's end.
-const STREAM_GRACE: Duration = Duration::from_secs(5);
+const STREAM_GRACE: Duration = Duration::from_secs(2);
 
 async fn server_streams(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
     let received = Arc::new(AtomicU64::new(0));

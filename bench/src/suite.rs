@@ -150,7 +150,9 @@ fn workloads(duration: Duration) -> Vec<Workload> {
         w(Call::Unary, 10 * 1024, 1),
         w(Call::Unary, 10 * 1024, 64),
         w(Call::ServerStream, 100, 4),
+        w(Call::ServerStream, 10 * 1024, 4),
         w(Call::Bidi, 100, 4),
+        w(Call::Bidi, 10 * 1024, 4),
         // The RSS target is stated at 64 concurrent streams.
         w(Call::Bidi, 100, 64),
     ]
