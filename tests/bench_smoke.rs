@@ -30,7 +30,7 @@ async fn the_benchmark_suite_runs_every_scenario() {
         serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
             .unwrap();
     let workloads = results["workloads"].as_array().unwrap();
-    assert_eq!(workloads.len(), 9);
+    assert_eq!(workloads.len(), 10);
     for entry in workloads {
         let cells = entry[1].as_object().unwrap();
         for scenario in ["direct", "minimesh", "gateway"] {
