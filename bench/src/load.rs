@@ -230,7 +230,7 @@ async fn open_loop(channel: Channel, workload: &Workload, rate: f64) -> Result<R
         id: "x".repeat(workload.payload),
     };
     let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let deadline = started + workload.duration;
     let shared = Arc::new(std::sync::Mutex::new(Report {
         histogram: Some(histogram()?),
@@ -238,14 +238,29 @@ async fn open_loop(channel: Channel, workload: &Workload, rate: f64) -> Result<R
     }));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let mut handles = Vec::new();
-    let mut n: u32 = 0;
-    loop {
-        let intended = started + period * n;
-        if intended >= deadline || workload.count.is_some_and(|count| u64::from(n) >= count) {
-            break;
+    // Tokio's timers tick in whole milliseconds, which would add up to a
+    // millisecond of the generator's own lateness to every call; a thread
+    // sleeping with nanosleep keeps the schedule to tens of microseconds.
+    let (schedule, mut due) = tokio::sync::mpsc::unbounded_channel::<std::time::Instant>();
+    let count = workload.count;
+    let pacer = std::thread::spawn(move || {
+        let mut n: u32 = 0;
+        loop {
+            let intended = started + period * n;
+            if intended >= deadline || count.is_some_and(|count| u64::from(n) >= count) {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            if schedule.send(intended).is_err() {
+                break;
+            }
+            n += 1;
         }
-        tokio::time::sleep_until(intended).await;
-        n += 1;
+    });
+    while let Some(intended) = due.recv().await {
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             // The target is so far behind that the client would only queue: count it.
             *shared
@@ -275,6 +290,8 @@ async fn open_loop(channel: Channel, workload: &Workload, rate: f64) -> Result<R
             drop(permit);
         }));
     }
+    // The schedule has ended (its sender is gone), so this does not block.
+    let _ = pacer.join();
     for handle in handles {
         let _ = handle.await;
     }

@@ -21,7 +21,7 @@ pub struct SuiteArgs {
     #[arg(long, env = "MINIMESH_BIN")]
     pub minimesh_bin: Option<PathBuf>,
     /// How long each scenario runs per round.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1500ms")]
     pub round: Duration,
     /// Rounds; every scenario runs once per round, in turn.
     #[arg(long, default_value_t = 3)]
