@@ -299,13 +299,20 @@ async fn open_loop(channel: Channel, workload: &Workload, rate: f64) -> Result<R
     Ok(report.finish(started.elapsed()))
 }
 
-/// Waits for every stream task (each returns how it failed, if it did) and
-/// counts the messages they received.
-async fn stream_report(
-    tasks: Vec<tokio::task::JoinHandle<Option<String>>>,
-    received: &AtomicU64,
-    started: Instant,
-) -> Report {
+/// Runs `workload.concurrency` streams made by `open_stream`, each given the
+/// shared count of messages received and the workload's deadline, and
+/// returning how it failed, if it did; reports the messages received.
+async fn run_streams<F, Fut>(workload: &Workload, open_stream: F) -> Report
+where
+    F: Fn(Arc<AtomicU64>, Instant) -> Fut,
+    Fut: std::future::Future<Output = Option<String>> + Send + 'static,
+{
+    let received = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + workload.duration;
+    let tasks: Vec<_> = (0..workload.concurrency.max(1))
+        .map(|_| tokio::spawn(open_stream(received.clone(), deadline)))
+        .collect();
     let mut report = Report::default();
     for task in tasks {
         if let Ok(Some(error)) = task.await {
@@ -320,17 +327,12 @@ async fn stream_report(
 const STREAM_GRACE: Duration = Duration::from_secs(2);
 
 async fn server_streams(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
-    let received = Arc::new(AtomicU64::new(0));
     let count = workload.count;
-    let started = Instant::now();
-    let deadline = started + workload.duration;
-    let mut tasks = Vec::new();
-    for _ in 0..workload.concurrency.max(1) {
+    let report = run_streams(workload, |received, deadline| {
         let mut client =
             OrderServiceClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
         let id = "x".repeat(workload.payload);
-        let received = received.clone();
-        tasks.push(tokio::spawn(async move {
+        async move {
             let mut stream = match client.watch_order(WatchOrderRequest { id }).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => return Some(code_name(&status)),
@@ -350,26 +352,22 @@ async fn server_streams(channel: Channel, workload: &Workload) -> Result<Report,
                     },
                 }
             }
-        }));
-    }
-    Ok(stream_report(tasks, &received, started).await)
+        }
+    })
+    .await;
+    Ok(report)
 }
 
 async fn bidi_streams(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
-    let received = Arc::new(AtomicU64::new(0));
     let count = workload.count;
-    let started = Instant::now();
-    let deadline = started + workload.duration;
-    let mut tasks = Vec::new();
-    for _ in 0..workload.concurrency.max(1) {
+    let report = run_streams(workload, |received, deadline| {
         let mut client =
             PaymentServiceClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
         let message = ChargeRequest {
             order_id: "x".repeat(workload.payload),
             ..Default::default()
         };
-        let received = received.clone();
-        tasks.push(tokio::spawn(async move {
+        async move {
             // Requests are produced until the deadline (or until enough results
             // came back); flow control paces them.
             let produced = received.clone();
@@ -396,7 +394,8 @@ async fn bidi_streams(channel: Channel, workload: &Workload) -> Result<Report, L
                     Err(_) => return Some("StreamNotEnded".to_owned()),
                 }
             }
-        }));
-    }
-    Ok(stream_report(tasks, &received, started).await)
+        }
+    })
+    .await;
+    Ok(report)
 }

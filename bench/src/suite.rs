@@ -88,6 +88,31 @@ fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Res
     })
 }
 
+/// Starts a pair of proxies from their configuration files (written to
+/// `dir/<name>.conf`, passed by `args(name, path)`); returns their pids.
+fn spawn_pair(
+    procs: &mut Vec<Proc>,
+    dir: &Path,
+    program: &Path,
+    configs: [(&str, String); 2],
+    args: impl Fn(&str, &Path) -> Vec<String>,
+) -> anyhow::Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for (name, config) in configs {
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+        let proc = spawn(
+            name,
+            program,
+            &args(name, &path),
+            &dir.join(format!("{name}.log")),
+        )?;
+        pids.extend(proc.pid());
+        procs.push(proc);
+    }
+    Ok(pids)
+}
+
 fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
@@ -380,20 +405,13 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
             ca = ca_pem.display(),
             server = dir.join("server.pem").display()
         );
-        for (name, cfg) in [("haproxy-a", a_cfg), ("haproxy-b", b_cfg)] {
-            let path = dir.join(format!("{name}.cfg"));
-            std::fs::write(&path, cfg)?;
-            procs.push(spawn(
-                name,
-                &haproxy,
-                &[s("-db"), s("-f"), s(path.display())],
-                &dir.join(format!("{name}.log")),
-            )?);
-        }
-        let pids = ["haproxy-a", "haproxy-b"]
-            .iter()
-            .filter_map(|n| pid(&procs, n))
-            .collect();
+        let pids = spawn_pair(
+            &mut procs,
+            dir,
+            &haproxy,
+            [("haproxy-a", a_cfg), ("haproxy-b", b_cfg)],
+            |_, config| vec![s("-db"), s("-f"), s(config.display())],
+        )?;
         scenarios.push(Scenario {
             name: "haproxy",
             target: format!("http://{a_port}"),
@@ -427,25 +445,20 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
             key = key.display(),
             ca = ca_pem.display()
         );
-        for (name, cfg) in [("nginx-a", a_cfg), ("nginx-b", b_cfg)] {
-            let path = dir.join(format!("{name}.conf"));
-            std::fs::write(&path, cfg)?;
-            procs.push(spawn(
-                name,
-                &nginx,
-                &[
+        let pids = spawn_pair(
+            &mut procs,
+            dir,
+            &nginx,
+            [("nginx-a", a_cfg), ("nginx-b", b_cfg)],
+            |name, config| {
+                vec![
                     s("-c"),
-                    s(path.display()),
+                    s(config.display()),
                     s("-e"),
                     s(dir.join(name).join("startup.log").display()),
-                ],
-                &dir.join(format!("{name}.log")),
-            )?);
-        }
-        let pids = ["nginx-a", "nginx-b"]
-            .iter()
-            .filter_map(|n| pid(&procs, n))
-            .collect();
+                ]
+            },
+        )?;
         scenarios.push(Scenario {
             name: "nginx",
             target: format!("http://{a_port}"),
