@@ -5,6 +5,7 @@ mod up;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use minimesh_runtime::telemetry::LogFormat;
 use minimesh_runtime::{shutdown, telemetry};
 use opentelemetry::KeyValue;
 use tokio::net::TcpListener;
@@ -60,6 +61,15 @@ struct TelemetryArgs {
     /// Replica number, recorded as a resource attribute.
     #[arg(long, env = "MINIMESH_REPLICA", global = true, default_value_t = 0)]
     replica: u32,
+    /// Log lines as `text` or `json` (default: text on a terminal, JSON otherwise).
+    #[arg(long, env = "MINIMESH_LOG_FORMAT", global = true)]
+    log_format: Option<LogFormat>,
+}
+
+impl TelemetryArgs {
+    fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or_else(LogFormat::for_stdout)
+    }
 }
 
 #[derive(clap::Args)]
@@ -89,6 +99,7 @@ async fn run_sidecar(args: ProxyArgs<minimesh_sidecar::SidecarArgs>) -> anyhow::
             KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
             KeyValue::new("service.version", VERSION),
         ],
+        args.telemetry.log_format(),
     )?;
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
@@ -106,6 +117,7 @@ async fn run_gateway(args: ProxyArgs<minimesh_sidecar::GatewayArgs>) -> anyhow::
             KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
             KeyValue::new("service.version", VERSION),
         ],
+        args.telemetry.log_format(),
     )?;
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
@@ -125,8 +137,37 @@ enum ServiceCommand {
     Payment(minimesh_payment::PaymentConfig),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // Before any thread exists: this reads and clears LISTEN_FDS.
+    minimesh_runtime::listen::adopt_inherited();
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line with the whole cause chain (`up` quotes it), no backtrace.
+            eprintln!("{}{}", up::ERROR_PREFIX, one_line(&err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping a cause whose text its
+/// wrapper already quotes (many error types print their source too).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = match &cli.command {
         Command::Sidecar(args) => Some(args.threads.unwrap_or(1)),
         Command::Gateway(args) => args.threads,
@@ -172,6 +213,7 @@ async fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
             KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
             KeyValue::new("service.version", VERSION),
         ],
+        args.telemetry.log_format(),
     )?;
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
@@ -211,7 +253,7 @@ fn copy_binary(destination: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn bind(service: &str, addr: &str) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(addr)
+    let listener = minimesh_runtime::listen::bind(addr)
         .await
         .with_context(|| format!("binding the {service} listener to {addr}"))?;
     let local = listener.local_addr().context("reading the bound address")?;

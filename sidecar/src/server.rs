@@ -13,7 +13,7 @@ use crate::authz::{AllowList, denial};
 use crate::body::{Code, Observed, ProxyBody, boxed, grpc_error, grpc_status};
 use crate::client::{Connection, Transport};
 use crate::config::{ConfigError, FileConfig, TrafficArgs};
-use crate::metrics::{INBOUND, Metrics, OUTBOUND};
+use crate::metrics::{CallName, INBOUND, Metrics, OUTBOUND};
 use crate::route::upstream_for;
 use crate::tls::{Reloader, TlsError, TlsFiles, peer_identity};
 use crate::upstream::{CallReport, TrafficPolicy, Upstream};
@@ -182,7 +182,7 @@ fn naming(identity: &IdentityArgs, file: &FileConfig) -> (String, String) {
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, SidecarError> {
-    let listener = TcpListener::bind(addr)
+    let listener = minimesh_runtime::listen::bind(addr)
         .await
         .map_err(|source| SidecarError::Bind {
             what,
@@ -234,6 +234,10 @@ fn upstreams(
     Ok((out, policy))
 }
 
+fn upstream_names(traffic: &TrafficArgs, file: &FileConfig) -> Result<Vec<String>, SidecarError> {
+    Ok(traffic.upstreams(file)?.into_keys().collect())
+}
+
 /// Runs the sidecar until `shutdown` resolves, then drains.
 pub async fn run_sidecar(
     args: SidecarArgs,
@@ -273,7 +277,7 @@ pub async fn run_sidecar(
         TLS_POLL,
     )?;
     tracing::info!(identity = %tls.current().identity(), %service, "sidecar identity loaded");
-    let metrics = Metrics::new();
+    let metrics = Metrics::new("sidecar", &service, &upstream_names(&args.traffic, &file)?);
     let allow_entries = if args.allow.is_empty() {
         file.allow.clone()
     } else {
@@ -328,6 +332,7 @@ pub async fn run_sidecar(
         default_upstream: None,
         metrics: metrics.clone(),
         span_kind: SpanKind::Client,
+        client_id: service.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let inbound_task = tokio::spawn(serve_mesh(
@@ -370,7 +375,7 @@ pub async fn run_gateway(
         TLS_POLL,
     )?;
     tracing::info!(identity = %tls.current().identity(), "gateway identity loaded");
-    let metrics = Metrics::new();
+    let metrics = Metrics::new("gateway", "gateway", &upstream_names(&args.traffic, &file)?);
     let (upstreams, _) = upstreams(
         &args.traffic,
         &file,
@@ -386,6 +391,7 @@ pub async fn run_gateway(
         default_upstream: Some(args.default_upstream.clone()),
         metrics: metrics.clone(),
         span_kind: SpanKind::Server,
+        client_id: "gateway".to_owned(),
     });
     let ready: ReadyCheck = {
         let state = state.clone();
@@ -524,7 +530,7 @@ fn finish(
     span: Span,
     metrics: Arc<Metrics>,
     direction: &'static str,
-    path: String,
+    labels: (CallName, String),
     started: Instant,
 ) -> Response<ProxyBody> {
     let known = grpc_status(response.headers());
@@ -539,7 +545,8 @@ fn finish(
     response.map(move |body| {
         boxed(Observed::new(body, known, move |code| {
             record_status(&span, code as i32, None);
-            metrics.request_done(direction, &path, code, started.elapsed());
+            let (name, client_id) = &labels;
+            metrics.request_done(direction, name, client_id, code, started.elapsed());
             drop(span);
         }))
     })
@@ -565,6 +572,16 @@ async fn handle_inbound(
     if let Some(caller) = &caller {
         span.record("minimesh.peer.identity", tracing::field::display(caller));
     }
+    // Refused calls are counted under one name: their paths are the caller's to choose.
+    let admitted = caller.as_ref().is_some_and(|c| state.allow.allows(c));
+    let labels = (
+        if admitted {
+            CallName::of(&path)
+        } else {
+            CallName::unrouted()
+        },
+        caller.as_ref().map_or_else(String::new, |c| c.name.clone()),
+    );
     let response = async {
         let Some(caller) = caller else {
             return grpc_error(
@@ -614,7 +631,7 @@ async fn handle_inbound(
         span,
         state.metrics.clone(),
         INBOUND,
-        path,
+        labels,
         started,
     )
 }
@@ -624,6 +641,8 @@ struct OutboundState {
     default_upstream: Option<String>,
     metrics: Arc<Metrics>,
     span_kind: SpanKind,
+    /// This proxy's own identity name, the `client_id` of its outbound calls.
+    client_id: String,
 }
 
 async fn handle_outbound(
@@ -635,6 +654,16 @@ async fn handle_outbound(
     let span = proxy_span(state.span_kind, "outbound", &path);
     continue_trace(&span, request.headers());
     record_ids(&span);
+    let routed = upstream_for(&path, state.default_upstream.as_deref())
+        .is_some_and(|name| state.upstreams.contains_key(name));
+    let labels = (
+        if routed {
+            CallName::of(&path)
+        } else {
+            CallName::unrouted()
+        },
+        state.client_id.clone(),
+    );
     let response = async {
         let Some(name) = upstream_for(&path, state.default_upstream.as_deref()) else {
             return grpc_error(
@@ -675,7 +704,7 @@ async fn handle_outbound(
         span,
         state.metrics.clone(),
         OUTBOUND,
-        path,
+        labels,
         started,
     )
 }
