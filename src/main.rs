@@ -1,6 +1,7 @@
 //! `minimesh`: the one binary. `up` runs the whole mesh locally by starting
 //! copies of this binary with the component subcommands.
 
+mod observe;
 mod up;
 
 use anyhow::Context;
@@ -28,6 +29,10 @@ struct Cli {
 enum Command {
     /// Run the whole mesh on this machine: every service, sidecar and the gateway as its own process.
     Up(up::UpArgs),
+    /// Golden metrics of every edge of the mesh (caller → service), read from the proxies.
+    Stat(observe::StatArgs),
+    /// The same edges live in the terminal, refreshed every second, until q.
+    Top(observe::TopArgs),
     /// Run one service.
     Service(ServiceArgs),
     /// The sidecar proxy beside one service instance.
@@ -189,6 +194,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(args).await,
+            Command::Stat(args) => observe::stat(args).await,
+            Command::Top(args) => observe::top(args).await,
             Command::Service(service) => run_service(service).await,
             Command::Certs(command) => Ok(minimesh_certs::run(command)?),
             Command::Bench(args) => minimesh_bench::run(args).await,
