@@ -26,7 +26,7 @@ use minimesh_runtime::trace::{continue_trace, inject_trace, record_ids, record_s
 use minimesh_traffic::deadline::Deadline;
 use minimesh_traffic::discover::{self, HostsFileResolver, Resolve, SystemResolver};
 use minimesh_traffic::retry::MethodKinds;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -125,6 +125,15 @@ pub struct GatewayArgs {
     /// Upstream that answers reflection and health calls.
     #[arg(long, env = "MINIMESH_DEFAULT_UPSTREAM", default_value = "user")]
     pub default_upstream: String,
+    /// Services callers outside the mesh may reach; calls to other mesh
+    /// services get PERMISSION_DENIED (reflection and health stay reachable).
+    #[arg(
+        long,
+        env = "MINIMESH_EXPOSE",
+        value_delimiter = ',',
+        default_value = "user,order"
+    )]
+    pub expose: Vec<String>,
     /// YAML or JSON file with the same settings; flags win.
     #[arg(long, env = "MINIMESH_CONFIG")]
     pub config: Option<PathBuf>,
@@ -333,6 +342,7 @@ pub async fn run_sidecar(
         metrics: metrics.clone(),
         span_kind: SpanKind::Client,
         client_id: service.clone(),
+        expose: None,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let inbound_task = tokio::spawn(serve_mesh(
@@ -392,6 +402,13 @@ pub async fn run_gateway(
         metrics: metrics.clone(),
         span_kind: SpanKind::Server,
         client_id: "gateway".to_owned(),
+        expose: Some(
+            args.expose
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ),
     });
     let ready: ReadyCheck = {
         let state = state.clone();
@@ -643,6 +660,8 @@ struct OutboundState {
     span_kind: SpanKind,
     /// This proxy's own identity name, the `client_id` of its outbound calls.
     client_id: String,
+    /// At the edge: the upstreams callers may reach by name (None: all).
+    expose: Option<BTreeSet<String>>,
 }
 
 async fn handle_outbound(
@@ -676,11 +695,26 @@ async fn handle_outbound(
         };
         let Some(upstream) = state.upstreams.get(name) else {
             return grpc_error(
-                Code::Unavailable,
-                &format!("no upstream named {name} is configured"),
+                Code::Unimplemented,
+                &format!("no route for {path}: no upstream named {name} is configured"),
                 false,
             );
         };
+        let by_default =
+            state.default_upstream.as_deref() == Some(name) && !path.starts_with("/shop.");
+        if let Some(exposed) = &state.expose
+            && !exposed.contains(name)
+            && !by_default
+        {
+            return grpc_error(
+                Code::PermissionDenied,
+                &format!(
+                    "the {name} service is not exposed outside the mesh (exposed: {})",
+                    exposed.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+                false,
+            );
+        }
         Span::current().record("minimesh.upstream", name);
         let deadline = Deadline::from_headers(request.headers());
         if deadline.is_some_and(|d| d.expired()) {

@@ -40,6 +40,15 @@ pub struct UpArgs {
     /// How long a paid order waits before each fulfilment step.
     #[arg(long, env = "MINIMESH_FULFILMENT_STEP", value_parser = humantime::parse_duration, default_value = "2s")]
     pub fulfilment_step: Duration,
+    /// Services the gateway serves to callers outside the mesh; the others
+    /// answer PERMISSION_DENIED at the edge.
+    #[arg(
+        long,
+        env = "MINIMESH_EXPOSE",
+        value_delimiter = ',',
+        default_value = "user,order"
+    )]
+    pub expose: Vec<String>,
     /// OTLP/gRPC endpoint every service and sidecar exports traces to.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -417,6 +426,7 @@ fn plan(
     ];
     gateway_args.extend(identity_flags(certs, "gateway"));
     gateway_args.extend(upstream_flags(&SERVICES));
+    gateway_args.extend([s("--expose"), args.expose.join(",")]);
     let gateway_child = children.len();
     let mut gateway_listeners = vec![gateway_listener];
     gateway_listeners.extend(take(&[gateway_admin]));
