@@ -46,6 +46,8 @@ pub enum CertsError {
     Spiffe(#[from] SpiffeError),
     #[error("validity must be at least one day, got {0}")]
     Validity(i64),
+    #[error("a validity of {0} days ends after the year 9999, the last date X.509 can hold")]
+    ValidityTooLong(i64),
 }
 
 /// Writes `contents` to `path`, readable by the owner only when `private`.
@@ -88,7 +90,12 @@ fn validity(days: i64) -> Result<(OffsetDateTime, OffsetDateTime), CertsError> {
         return Err(CertsError::Validity(days));
     }
     let now = OffsetDateTime::now_utc();
-    Ok((now - Duration::minutes(5), now + Duration::days(days)))
+    let end = days
+        .checked_mul(86_400)
+        .and_then(|seconds| now.checked_add(Duration::seconds(seconds)))
+        .filter(|end| end.year() <= 9999)
+        .ok_or(CertsError::ValidityTooLong(days))?;
+    Ok((now - Duration::minutes(5), end))
 }
 
 /// Creates the mesh CA in `out`: `ca.pem` and `ca.key`.
@@ -353,5 +360,12 @@ mod tests {
             issue_leaf(dir.path(), &request),
             Err(CertsError::Validity(0))
         ));
+        for days in [99_999_999_999, i64::MAX, 3_000_000] {
+            request.days = days;
+            assert!(
+                matches!(issue_leaf(dir.path(), &request), Err(CertsError::ValidityTooLong(d)) if d == days),
+                "{days} days"
+            );
+        }
     }
 }
