@@ -39,6 +39,8 @@ enum Command {
     Sidecar(ProxyArgs<minimesh_sidecar::SidecarArgs>),
     /// The edge proxy: callers outside the mesh in, mTLS into the mesh.
     Gateway(ProxyArgs<minimesh_sidecar::GatewayArgs>),
+    /// The identity issuer: short-lived workload certificates for proxies that prove who they are.
+    Identity(IdentityCmd),
     /// Copy this binary to PATH (used by the Helm chart's certificate Job, whose kubectl image runs it).
     #[command(hide = true)]
     CopyBinary { destination: std::path::PathBuf },
@@ -47,6 +49,17 @@ enum Command {
     /// The mesh CA: create it, issue identities.
     #[command(subcommand)]
     Certs(minimesh_certs::CertsCommand),
+}
+
+#[derive(clap::Args)]
+struct IdentityCmd {
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+    /// Plain HTTP listener for /live and /metrics.
+    #[arg(long, env = "MINIMESH_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    #[command(flatten)]
+    issuer: minimesh_identity::issuer::IssuerArgs,
 }
 
 #[derive(clap::Args)]
@@ -201,9 +214,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Bench(args) => minimesh_bench::run(args).await,
             Command::CopyBinary { destination } => copy_binary(&destination),
             Command::Sidecar(args) => run_sidecar(args).await,
+            Command::Identity(args) => run_identity(args).await,
             Command::Gateway(args) => run_gateway(args).await,
         }
     })
+}
+
+async fn run_identity(args: IdentityCmd) -> anyhow::Result<()> {
+    let telemetry = telemetry::init(
+        "minimesh-identity",
+        args.telemetry.otlp_endpoint.as_deref(),
+        vec![KeyValue::new("service.version", VERSION)],
+        args.telemetry.log_format(),
+    )?;
+    if std::env::var_os(up::SUPERVISED_ENV).is_some() {
+        shutdown::die_with_parent();
+    }
+    let metrics = minimesh_runtime::metrics::ServiceMetrics::new(
+        "minimesh_identity_certificates",
+        "Certificate requests by outcome (issued, refused)",
+    );
+    for outcome in ["issued", "refused"] {
+        let _ = metrics
+            .outcomes
+            .get_or_create(&minimesh_runtime::metrics::StatusLabel {
+                status: outcome.to_owned(),
+            });
+    }
+    let counted = metrics.clone();
+    let issuer = std::sync::Arc::new(minimesh_identity::issuer::Issuer::new(
+        &args.issuer,
+        std::sync::Arc::new(move |outcome| counted.count(outcome)),
+    )?);
+    let listener = bind("identity", &args.issuer.listen).await?;
+    // Listening before /live answers, so a probe of /live means ready.
+    let _metrics =
+        minimesh_runtime::metrics::listen(args.metrics_listen.as_deref(), metrics).await?;
+    let result = minimesh_identity::issuer::serve(
+        issuer,
+        listener,
+        &args.issuer.server_names,
+        shutdown::signal(),
+    )
+    .await;
+    telemetry.shutdown();
+    Ok(result?)
 }
 
 async fn run_service(args: ServiceArgs) -> anyhow::Result<()> {

@@ -99,6 +99,13 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, SpiffeError> {
     }
 }
 
+/// A DER certificate's notAfter, in seconds since the epoch.
+pub fn not_after_unix(der: &[u8]) -> Result<i64, SpiffeError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| SpiffeError::Certificate(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

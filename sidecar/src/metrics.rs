@@ -82,6 +82,13 @@ pub struct Metrics {
     ejections: Family<ServiceLabels, Counter>,
     tls_failures: Family<DirectionLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
+    certificate_expiry: Gauge,
+    renewals: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -169,6 +176,21 @@ impl Metrics {
             let _ = retries.get_or_create(&labels);
             let _ = ejections.get_or_create(&labels);
         }
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "minimesh_identity_certificate_expiry_timestamp_seconds",
+            "When this proxy's mesh certificate expires (seconds since the Unix epoch)",
+            certificate_expiry.clone(),
+        );
+        let renewals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "minimesh_identity_renewals",
+            "Attempts to renew this proxy's certificate with the identity issuer, by result",
+            renewals.clone(),
+        );
+        for result in ["ok", "error"] {
+            let _ = renewals.get_or_create(&ResultLabels { result });
+        }
         minimesh_runtime::telemetry::register_span_counters(&mut registry);
         Arc::new(Self {
             registry,
@@ -178,7 +200,19 @@ impl Metrics {
             ejections,
             tls_failures,
             open_connections,
+            certificate_expiry,
+            renewals,
         })
+    }
+
+    /// The current certificate's expiry (seconds since the epoch).
+    pub fn certificate_expires(&self, unix: i64) {
+        self.certificate_expiry.set(unix);
+    }
+
+    pub fn renewal(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.renewals.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Counts one finished call. `client_id` is the caller's identity name

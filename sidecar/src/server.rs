@@ -15,7 +15,7 @@ use crate::client::{Connection, Transport};
 use crate::config::{ConfigError, FileConfig, TrafficArgs};
 use crate::metrics::{CallName, INBOUND, Metrics, OUTBOUND};
 use crate::route::upstream_for;
-use crate::tls::{Reloader, TlsError, TlsFiles, peer_identity};
+use crate::tls::{Reloader, TlsError, peer_identity};
 use crate::upstream::{CallReport, TrafficPolicy, Upstream};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -40,7 +40,6 @@ use tracing::{Instrument, Span, field::Empty};
 /// How long in-flight calls may run on after shutdown begins.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const TLS_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -48,6 +47,8 @@ pub enum SidecarError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     #[error("binding {what} listener to {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -68,18 +69,49 @@ pub struct IdentityArgs {
     /// Mesh CA certificate (PEM).
     #[arg(long, env = "MINIMESH_CA")]
     pub ca: PathBuf,
-    /// This proxy's certificate (PEM); reloaded when it changes.
-    #[arg(long, env = "MINIMESH_CERT")]
-    pub cert: PathBuf,
+    /// This proxy's certificate (PEM); reloaded when it changes. Not needed
+    /// with --identity-addr.
+    #[arg(long, env = "MINIMESH_CERT", required_unless_present = "identity_addr")]
+    pub cert: Option<PathBuf>,
     /// This proxy's private key (PEM); reloaded when it changes.
-    #[arg(long, env = "MINIMESH_KEY")]
-    pub key: PathBuf,
+    #[arg(long, env = "MINIMESH_KEY", required_unless_present = "identity_addr")]
+    pub key: Option<PathBuf>,
+    /// The identity issuer (`https://host:port`): the proxy makes its key in
+    /// memory and gets its certificate there, renewed before it expires.
+    #[arg(long, env = "MINIMESH_IDENTITY_ADDR")]
+    pub identity_addr: Option<String>,
+    /// The issuer's TLS name (default: the host of --identity-addr).
+    #[arg(long, env = "MINIMESH_IDENTITY_SERVER_NAME")]
+    pub identity_server_name: Option<String>,
+    /// Kubernetes: the projected ServiceAccount token that proves this proxy's identity.
+    #[arg(long, env = "MINIMESH_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<PathBuf>,
+    /// Local: the one-time token `minimesh up` gives this proxy.
+    #[arg(long, env = minimesh_identity::bootstrap::TOKEN_ENV, hide_env_values = true)]
+    pub bootstrap_token: Option<String>,
     /// Trust domain of mesh identities (default minimesh.local).
     #[arg(long, env = "MINIMESH_TRUST_DOMAIN")]
     pub trust_domain: Option<String>,
     /// Namespace of mesh identities (default "default").
     #[arg(long, env = "MINIMESH_NAMESPACE")]
     pub namespace: Option<String>,
+}
+
+impl IdentityArgs {
+    /// Credentials from files, default naming.
+    pub fn from_files(ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        Self {
+            ca,
+            cert: Some(cert),
+            key: Some(key),
+            identity_addr: None,
+            identity_server_name: None,
+            identity_token_file: None,
+            bootstrap_token: None,
+            trust_domain: None,
+            namespace: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -277,16 +309,16 @@ pub async fn run_sidecar(
         )?;
         return Ok(());
     }
-    let tls = Reloader::start(
-        TlsFiles {
-            ca: args.identity.ca.clone(),
-            cert: args.identity.cert.clone(),
-            key: args.identity.key.clone(),
-        },
-        TLS_POLL,
-    )?;
-    tracing::info!(identity = %tls.current().identity(), %service, "sidecar identity loaded");
     let metrics = Metrics::new("sidecar", &service, &upstream_names(&args.traffic, &file)?);
+    let tls = crate::identity::credentials(
+        &args.identity,
+        &service,
+        &trust_domain,
+        &namespace,
+        &metrics,
+    )
+    .await?;
+    tracing::info!(identity = %tls.current().identity(), %service, "sidecar identity loaded");
     let allow_entries = if args.allow.is_empty() {
         file.allow.clone()
     } else {
@@ -376,16 +408,16 @@ pub async fn run_gateway(
         print_resolved(None, &trust_domain, &namespace, None, &args.traffic, &file)?;
         return Ok(());
     }
-    let tls = Reloader::start(
-        TlsFiles {
-            ca: args.identity.ca.clone(),
-            cert: args.identity.cert.clone(),
-            key: args.identity.key.clone(),
-        },
-        TLS_POLL,
-    )?;
-    tracing::info!(identity = %tls.current().identity(), "gateway identity loaded");
     let metrics = Metrics::new("gateway", "gateway", &upstream_names(&args.traffic, &file)?);
+    let tls = crate::identity::credentials(
+        &args.identity,
+        "gateway",
+        &trust_domain,
+        &namespace,
+        &metrics,
+    )
+    .await?;
+    tracing::info!(identity = %tls.current().identity(), "gateway identity loaded");
     let (upstreams, _) = upstreams(
         &args.traffic,
         &file,

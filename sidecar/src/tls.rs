@@ -81,18 +81,49 @@ impl std::fmt::Debug for TlsConfigs {
 
 impl TlsConfigs {
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for ca in read_certs(&files.ca)? {
-            roots.add(ca)?;
-        }
-        let roots = Arc::new(roots);
-        let chain = read_certs(&files.cert)?;
         let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
             path: files.key.clone(),
             message: e.to_string(),
         })?;
-        let identity = spiffe_id_of(&chain[0])?;
+        Self::from_parts(read_certs(&files.ca)?, read_certs(&files.cert)?, key)
+    }
 
+    /// From PEM held in memory (a certificate from the identity issuer).
+    pub fn from_pem(ca_pem: &[u8], chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        let parse = |what: &str, pem: &[u8]| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Read {
+                    path: PathBuf::from(what),
+                    message: e.to_string(),
+                })?;
+            if certs.is_empty() {
+                return Err(TlsError::NoCertificate(PathBuf::from(what)));
+            }
+            Ok(certs)
+        };
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Read {
+            path: PathBuf::from("(issued key)"),
+            message: e.to_string(),
+        })?;
+        Self::from_parts(
+            parse("(trust anchor)", ca_pem)?,
+            parse("(issued certificate)", chain_pem)?,
+            key,
+        )
+    }
+
+    fn from_parts(
+        anchors: Vec<CertificateDer<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in anchors {
+            roots.add(ca)?;
+        }
+        let roots = Arc::new(roots);
+        let identity = spiffe_id_of(&chain[0])?;
         let verifier = Arc::new(SpiffeClientVerifier {
             inner: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
                 .build()
@@ -111,6 +142,11 @@ impl TlsConfigs {
             server: Arc::new(server),
             clients: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// When this proxy's certificate expires, in seconds since the epoch.
+    pub fn expires_at_unix(&self) -> Option<i64> {
+        minimesh_certs::not_after_unix(&self.chain[0]).ok()
     }
 
     pub fn identity(&self) -> &SpiffeId {
@@ -277,9 +313,10 @@ pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
     spiffe_id_of(certs.first()?).ok()
 }
 
-/// Current credentials, re-read when any of the files changes.
+/// Current credentials: re-read when any of the files changes, or replaced
+/// by whoever renews them (the identity issuer's client).
 pub struct Reloader {
-    files: TlsFiles,
+    files: Option<TlsFiles>,
     current: RwLock<Arc<TlsConfigs>>,
 }
 
@@ -301,12 +338,12 @@ impl Reloader {
     /// every `poll` from then on.
     pub fn start(files: TlsFiles, poll: Duration) -> Result<Arc<Self>, TlsError> {
         let configs = TlsConfigs::load(&files)?;
+        let mut last = stamp(&files);
         let reloader = Arc::new(Self {
-            files,
+            files: Some(files.clone()),
             current: RwLock::new(Arc::new(configs)),
         });
         let weak = Arc::downgrade(&reloader);
-        let mut last = stamp(&reloader.files);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(poll);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -315,11 +352,11 @@ impl Reloader {
                 let Some(reloader) = weak.upgrade() else {
                     return;
                 };
-                let now = stamp(&reloader.files);
+                let now = stamp(&files);
                 if now == last {
                     continue;
                 }
-                match TlsConfigs::load(&reloader.files) {
+                match TlsConfigs::load(&files) {
                     Ok(configs) => {
                         tracing::info!(identity = %configs.identity(), "certificates reloaded");
                         *reloader.current.write().unwrap_or_else(|p| p.into_inner()) =
@@ -334,6 +371,24 @@ impl Reloader {
             }
         });
         Ok(reloader)
+    }
+
+    /// Credentials that change only through [`Reloader::replace`].
+    pub fn fixed(configs: TlsConfigs) -> Arc<Self> {
+        Arc::new(Self {
+            files: None,
+            current: RwLock::new(Arc::new(configs)),
+        })
+    }
+
+    /// New handshakes use `configs` from now on; open connections keep theirs.
+    pub fn replace(&self, configs: TlsConfigs) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(configs);
+    }
+
+    /// Whether the credentials come from files.
+    pub fn from_files(&self) -> bool {
+        self.files.is_some()
     }
 
     pub fn current(&self) -> Arc<TlsConfigs> {

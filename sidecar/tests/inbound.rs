@@ -71,13 +71,7 @@ async fn start_sidecar() -> Fixture {
         allow: vec!["order".into()],
         config: None,
         check_config: false,
-        identity: IdentityArgs {
-            ca: ca.join("ca.pem"),
-            cert,
-            key,
-            trust_domain: None,
-            namespace: None,
-        },
+        identity: IdentityArgs::from_files(ca.join("ca.pem"), cert, key),
         traffic: Default::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();

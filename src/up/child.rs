@@ -30,6 +30,8 @@ pub enum Probe {
     Grpc(SocketAddr),
     /// HTTP 200 from `/ready` at this admin address (sidecars, gateway).
     Ready(SocketAddr),
+    /// HTTP 200 from `/live` (the identity issuer, live once it listens).
+    Live(SocketAddr),
 }
 
 /// One supervised process: how to start it and where it is now.
@@ -51,6 +53,8 @@ pub struct Child {
     pub restarts: u32,
     /// When set, the child is down and will be started again then.
     pub restart_at: Option<Instant>,
+    /// A proxy's identity: each start gets a fresh one-time bootstrap token for it.
+    bootstrap: Option<String>,
 }
 
 impl Child {
@@ -80,7 +84,14 @@ impl Child {
             log_start: 0,
             restarts: 0,
             restart_at: None,
+            bootstrap: None,
         })
+    }
+
+    /// Gives the child a one-time token for `identity` at every start.
+    pub fn with_bootstrap(mut self, identity: String) -> Self {
+        self.bootstrap = Some(identity);
+        self
     }
 
     /// Binds again whatever the last start consumed (its addresses are
@@ -141,11 +152,15 @@ pub fn failure_line(output: &str) -> Option<String> {
     })
 }
 
+/// How long a bootstrap token stays usable: enough for a slow start.
+const BOOTSTRAP_TTL: Duration = Duration::from_secs(300);
+
 pub fn spawn(
     exe: &Path,
     child: &mut Child,
     index: usize,
     exits: &mpsc::UnboundedSender<Exit>,
+    bootstrap: &minimesh_identity::bootstrap::BootstrapKey,
 ) -> anyhow::Result<()> {
     let fds = child.rebind()?;
     let log = std::fs::OpenOptions::new()
@@ -171,7 +186,10 @@ pub fn spawn(
         })
         .collect();
     let mut command = Command::new(exe);
+    // Secrets from up's own environment go to no child; the child's own env may set them.
     command
+        .env_remove(minimesh_identity::bootstrap::TOKEN_ENV)
+        .env_remove(minimesh_identity::bootstrap::KEY_ENV)
         .args(&child.args)
         .envs(child.env.iter().map(|(k, v)| (k, v)))
         .env(SUPERVISED_ENV, "1")
@@ -186,6 +204,15 @@ pub fn spawn(
     command
         .fd_mappings(mappings)
         .context("mapping listener sockets")?;
+    if let Some(identity) = &child.bootstrap {
+        let id: minimesh_certs::SpiffeId = identity
+            .parse()
+            .with_context(|| format!("the identity of {}", child.name))?;
+        command.env(
+            minimesh_identity::bootstrap::TOKEN_ENV,
+            bootstrap.mint(&id, BOOTSTRAP_TTL),
+        );
+    }
     let mut process = command
         .spawn()
         .with_context(|| format!("starting {}", child.name))?;
@@ -212,18 +239,19 @@ pub fn spawn(
 pub async fn ready(probe: Probe) -> bool {
     match probe {
         Probe::Grpc(addr) => serving(&format!("http://{addr}")).await,
-        Probe::Ready(addr) => http_ready(addr).await,
+        Probe::Ready(addr) => http_ok(addr, "/ready").await,
+        Probe::Live(addr) => http_ok(addr, "/live").await,
     }
 }
 
-/// GET /ready on an admin listener answers 200.
-async fn http_ready(addr: SocketAddr) -> bool {
+/// GET `path` on an admin listener answers 200.
+async fn http_ok(addr: SocketAddr, path: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         stream
             .write_all(
-                format!("GET /ready HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+                format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
                     .as_bytes(),
             )
             .await

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use child::{Child, Exit, Probe};
 pub use child::{ERROR_PREFIX, SUPERVISED_ENV};
 use lock::{DataDirLock, MeshFile};
+use minimesh_identity::bootstrap::BootstrapKey;
 use minimesh_runtime::telemetry::LogFormat;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -49,6 +50,9 @@ pub struct UpArgs {
         default_value = "user,order"
     )]
     pub expose: Vec<String>,
+    /// Lifetime of every workload certificate (renewed at about 70% of it).
+    #[arg(long, env = "MINIMESH_CERT_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub cert_ttl: Duration,
     /// OTLP/gRPC endpoint every service and sidecar exports traces to.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -102,8 +106,18 @@ struct MeshJson {
     trust_domain: &'static str,
     ca_dir: PathBuf,
     version: &'static str,
+    identity: IssuerEntry,
     gateway: GatewayEntry,
     instances: Vec<InstanceEntry>,
+}
+
+#[derive(Serialize)]
+struct IssuerEntry {
+    addr: String,
+    metrics: String,
+    pid: u32,
+    cert_ttl: String,
+    log: PathBuf,
 }
 
 #[derive(Serialize)]
@@ -225,15 +239,19 @@ fn identity(name: &str) -> String {
     )
 }
 
-/// Creates the CA once and issues a fresh certificate for every identity.
+/// Creates the trust anchor once. Workload keys never touch the disk: each
+/// proxy makes its own and gets its certificate from the issuer; identity
+/// directories an older `up` left behind are removed.
 fn prepare_certs(certs: &Path) -> anyhow::Result<()> {
     if !certs.join(minimesh_certs::CA_CERT).exists() {
         minimesh_certs::init_ca(certs, 3650, false).context("creating the mesh CA")?;
     }
     for name in SERVICES.iter().copied().chain(["gateway"]) {
-        let request = minimesh_certs::LeafRequest::new(name);
-        minimesh_certs::issue(certs, &request, &certs.join(name))
-            .with_context(|| format!("issuing the {name} identity"))?;
+        let old = certs.join(name);
+        if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("removing the old workload key in {}", old.display()))?;
+        }
     }
     Ok(())
 }
@@ -242,15 +260,15 @@ fn s(value: impl ToString) -> String {
     value.to_string()
 }
 
-fn identity_flags(certs: &Path, name: &str) -> Vec<String> {
-    let dir = certs.join(name);
+/// How a proxy gets its identity: the trust anchor, and the issuer to ask.
+fn identity_flags(certs: &Path, issuer: SocketAddr) -> Vec<String> {
     vec![
         s("--ca"),
         s(certs.join(minimesh_certs::CA_CERT).display()),
-        s("--cert"),
-        s(dir.join(format!("{name}.pem")).display()),
-        s("--key"),
-        s(dir.join(format!("{name}.key")).display()),
+        s("--identity-addr"),
+        format!("https://{issuer}"),
+        s("--identity-server-name"),
+        s("localhost"),
     ]
 }
 
@@ -268,6 +286,10 @@ fn bind_gateway(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 struct Plan {
     children: Vec<Child>,
     instances: Vec<Instance>,
+    issuer_child: usize,
+    issuer_addr: SocketAddr,
+    issuer_metrics: SocketAddr,
+    cert_ttl: Duration,
     gateway_child: usize,
     gateway_addr: SocketAddr,
     gateway_admin: SocketAddr,
@@ -279,6 +301,7 @@ fn plan(
     certs: &Path,
     logs: &Path,
     gateway_listener: std::net::TcpListener,
+    bootstrap: &BootstrapKey,
 ) -> anyhow::Result<Plan> {
     let mut ports = Ports::new();
     let mut reserved: BTreeMap<SocketAddr, std::net::TcpListener> = BTreeMap::new();
@@ -306,6 +329,8 @@ fn plan(
         }
     }
     let gateway_admin = reserve()?;
+    let issuer_addr = reserve()?;
+    let issuer_metrics = reserve()?;
     let mut take = |addrs: &[SocketAddr]| -> Vec<std::net::TcpListener> {
         addrs.iter().filter_map(|a| reserved.remove(a)).collect()
     };
@@ -344,6 +369,37 @@ fn plan(
         env
     };
     let mut children = Vec::new();
+    // The issuer first: every proxy asks it for a certificate at start.
+    let issuer_child = children.len();
+    let mut issuer_env = child_env(s("minimesh-identity"), 0);
+    issuer_env.push((
+        s(minimesh_identity::bootstrap::KEY_ENV),
+        s(bootstrap.to_hex()),
+    ));
+    children.push(Child::new(
+        s("identity"),
+        vec![
+            s("identity"),
+            s("--listen"),
+            s(issuer_addr),
+            s("--metrics-listen"),
+            s(issuer_metrics),
+            s("--ca-cert"),
+            s(certs.join(minimesh_certs::CA_CERT).display()),
+            s("--ca-key"),
+            s(certs.join(minimesh_certs::CA_KEY).display()),
+            s("--trust-domain"),
+            s(TRUST_DOMAIN),
+            s("--cert-ttl"),
+            s(humantime::format_duration(args.cert_ttl)),
+            s("--server-names"),
+            s("localhost"),
+        ],
+        issuer_env,
+        logs,
+        Probe::Live(issuer_metrics),
+        take(&[issuer_addr, issuer_metrics]),
+    )?);
     for instance in instances.iter_mut() {
         let (service, replica) = (instance.service, instance.replica);
         let mut service_args = vec![
@@ -391,7 +447,7 @@ fn plan(
             s("--allow"),
             s(default_allow(service)),
         ];
-        sidecar_args.extend(identity_flags(certs, service));
+        sidecar_args.extend(identity_flags(certs, issuer_addr));
         if service == "order" {
             sidecar_args.extend(upstream_flags(&["user", "payment"]));
         }
@@ -405,14 +461,17 @@ fn plan(
             take(&[instance.app, instance.metrics]),
         )?);
         instance.sidecar = children.len();
-        children.push(Child::new(
-            format!("{name}-sidecar"),
-            sidecar_args,
-            child_env(format!("minimesh-sidecar-{service}"), replica),
-            logs,
-            Probe::Ready(instance.admin),
-            take(&[instance.inbound, instance.outbound, instance.admin]),
-        )?);
+        children.push(
+            Child::new(
+                format!("{name}-sidecar"),
+                sidecar_args,
+                child_env(format!("minimesh-sidecar-{service}"), replica),
+                logs,
+                Probe::Ready(instance.admin),
+                take(&[instance.inbound, instance.outbound, instance.admin]),
+            )?
+            .with_bootstrap(identity(service)),
+        );
     }
     let gateway_addr = gateway_listener
         .local_addr()
@@ -424,23 +483,30 @@ fn plan(
         s("--admin"),
         s(gateway_admin),
     ];
-    gateway_args.extend(identity_flags(certs, "gateway"));
+    gateway_args.extend(identity_flags(certs, issuer_addr));
     gateway_args.extend(upstream_flags(&SERVICES));
     gateway_args.extend([s("--expose"), args.expose.join(",")]);
     let gateway_child = children.len();
     let mut gateway_listeners = vec![gateway_listener];
     gateway_listeners.extend(take(&[gateway_admin]));
-    children.push(Child::new(
-        s("gateway"),
-        gateway_args,
-        child_env(s("minimesh-gateway"), 0),
-        logs,
-        Probe::Ready(gateway_admin),
-        gateway_listeners,
-    )?);
+    children.push(
+        Child::new(
+            s("gateway"),
+            gateway_args,
+            child_env(s("minimesh-gateway"), 0),
+            logs,
+            Probe::Ready(gateway_admin),
+            gateway_listeners,
+        )?
+        .with_bootstrap(identity("gateway")),
+    );
     Ok(Plan {
         children,
         instances,
+        issuer_child,
+        issuer_addr,
+        issuer_metrics,
+        cert_ttl: args.cert_ttl,
         gateway_child,
         gateway_addr,
         gateway_admin,
@@ -473,6 +539,13 @@ fn mesh_json(plan: &Plan, certs: &Path) -> anyhow::Result<Vec<u8>> {
         trust_domain: TRUST_DOMAIN,
         ca_dir: certs.to_owned(),
         version: crate::VERSION,
+        identity: IssuerEntry {
+            addr: s(plan.issuer_addr),
+            metrics: s(plan.issuer_metrics),
+            pid: pid(plan.issuer_child),
+            cert_ttl: s(humantime::format_duration(plan.cert_ttl)),
+            log: children[plan.issuer_child].log.clone(),
+        },
         gateway: GatewayEntry {
             addr: s(plan.gateway_addr),
             admin: s(plan.gateway_admin),
@@ -517,14 +590,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let certs = data_dir.join("certs");
-    let mut plan = plan(&args, &data_dir, &certs, &logs, gateway_listener)?;
+    // Shared with the issuer only: it checks the one-time tokens minted
+    // from it for each proxy this `up` starts.
+    let bootstrap = BootstrapKey::generate();
+    let mut plan = plan(
+        &args,
+        &data_dir,
+        &certs,
+        &logs,
+        gateway_listener,
+        &bootstrap,
+    )?;
     validate(&plan.children)?;
     prepare_certs(&certs)?;
     let exe = std::env::current_exe().context("finding the minimesh binary")?;
 
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
     for index in 0..plan.children.len() {
-        if let Err(err) = child::spawn(&exe, &mut plan.children[index], index, &exits_tx) {
+        if let Err(err) = child::spawn(
+            &exe,
+            &mut plan.children[index],
+            index,
+            &exits_tx,
+            &bootstrap,
+        ) {
             child::stop_all(&mut plan.children, &mut exits).await;
             return Err(err);
         }
@@ -608,7 +697,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     let child = &mut plan.children[index];
                     if child.restart_at.is_some_and(|at| at <= now) {
                         child.restart_at = None;
-                        if let Err(err) = child::spawn(&exe, child, index, &exits_tx) {
+                        if let Err(err) = child::spawn(&exe, child, index, &exits_tx, &bootstrap) {
                             tracing::error!("cannot restart {} ({err:#}); trying again in 1s", child.name);
                             child.restart_at = Some(now + Duration::from_secs(1));
                         }
