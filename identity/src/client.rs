@@ -16,7 +16,9 @@ const RENEW_AT: f64 = 0.7;
 const JITTER: f64 = 0.05;
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The shortest time one renewal attempt is given.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -94,6 +96,18 @@ impl Issued {
         let share = RENEW_AT + rng.random_range(-JITTER..=JITTER);
         self.issued_at + lifetime.mul_f64(share)
     }
+}
+
+/// Asks the issuer once, within `limit` in all (connect, TLS, answer): a
+/// hung issuer must not hold a renewal past the certificate's expiry.
+pub async fn certify_within(
+    config: &IssuerClientConfig,
+    current: Option<&Issued>,
+    limit: Duration,
+) -> Result<Issued, ClientError> {
+    tokio::time::timeout(limit, certify(config, current))
+        .await
+        .map_err(|_| ClientError::Unreachable(format!("no answer within {limit:?}")))?
 }
 
 /// Asks the issuer once. With `current`, the request is made over mTLS
@@ -203,7 +217,7 @@ pub async fn obtain(
     let deadline = tokio::time::Instant::now() + patience;
     let mut attempt = 0;
     loop {
-        match certify(config, None).await {
+        match certify_within(config, None, CALL_TIMEOUT).await {
             Ok(issued) => return Ok(issued),
             Err(err) if err.is_final() => return Err(err),
             Err(err) => {
@@ -233,9 +247,15 @@ pub async fn renew_forever(
         tokio::time::sleep(wait).await;
         let mut attempt = 0;
         loop {
-            match certify(&config, Some(&current)).await {
+            let left = current
+                .expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            // Attempts get shorter and more frequent as expiry nears.
+            let limit = CALL_TIMEOUT.min(left / 2).max(MIN_ATTEMPT);
+            match certify_within(&config, Some(&current), limit).await {
                 Ok(issued) => {
-                    tracing::info!(identity = %config.identity, expires = ?issued.expires_at, "certificate renewed");
+                    tracing::info!(identity = %config.identity, expires = %humantime::format_rfc3339_seconds(issued.expires_at), "certificate renewed");
                     on_issued(&issued);
                     current = issued;
                     break;
@@ -246,7 +266,9 @@ pub async fn renew_forever(
                         .expires_at
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
-                    let wait = backoff(attempt, &mut rand::rng());
+                    let wait = backoff(attempt, &mut rand::rng())
+                        .min(left / 4)
+                        .max(MIN_ATTEMPT / 2);
                     tracing::warn!(%err, retry_in = ?wait, expires_in = ?left, "renewal failed; keeping the current certificate");
                     attempt += 1;
                     tokio::time::sleep(wait).await;

@@ -223,11 +223,13 @@ fn rand_below(n: u32) -> u32 {
     (hasher.finish() % u64::from(n.max(1))) as u32
 }
 
-/// Who may call whom: order accepts the gateway; user and payment accept
-/// order and the gateway.
+/// Who may call whom (CONTRACT §3): order accepts the gateway; user accepts
+/// order and the gateway; payment accepts order only (nobody outside the
+/// mesh can charge or refund).
 fn default_allow(service: &str) -> &'static str {
     match service {
         "order" => "gateway",
+        "payment" => "order",
         _ => "order,gateway",
     }
 }
