@@ -664,7 +664,7 @@ async fn handle_inbound(
         }
         let deadline = match crate::strict::check(&request) {
             Ok(deadline) => deadline,
-            Err(refusal) => return refusal,
+            Err(refusal) => return *refusal,
         };
         if deadline.is_some_and(|d| d.expired()) {
             return grpc_error(
@@ -770,7 +770,7 @@ async fn handle_outbound(
         Span::current().record("minimesh.upstream", name);
         let deadline = match crate::strict::check(&request) {
             Ok(deadline) => deadline,
-            Err(refusal) => return refusal,
+            Err(refusal) => return *refusal,
         };
         if deadline.is_some_and(|d| d.expired()) {
             return grpc_error(Code::DeadlineExceeded, "deadline already exceeded", false);

@@ -8,7 +8,7 @@ use http::{Method, Request, Response, StatusCode};
 use minimesh_traffic::deadline::Deadline;
 
 /// The call's deadline, or the response that refuses the request.
-pub fn check<B>(request: &Request<B>) -> Result<Option<Deadline>, Response<ProxyBody>> {
+pub fn check<B>(request: &Request<B>) -> Result<Option<Deadline>, Box<Response<ProxyBody>>> {
     if request.method() != Method::POST {
         let mut refusal = grpc_error(
             Code::Unimplemented,
@@ -19,7 +19,7 @@ pub fn check<B>(request: &Request<B>) -> Result<Option<Deadline>, Response<Proxy
         refusal
             .headers_mut()
             .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
-        return Err(refusal);
+        return Err(Box::new(refusal));
     }
     let content_type = request
         .headers()
@@ -36,7 +36,7 @@ pub fn check<B>(request: &Request<B>) -> Result<Option<Deadline>, Response<Proxy
             false,
         );
         *refusal.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
-        return Err(refusal);
+        return Err(Box::new(refusal));
     }
     let trailers = request
         .headers()
@@ -47,14 +47,14 @@ pub fn check<B>(request: &Request<B>) -> Result<Option<Deadline>, Response<Proxy
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
     if !trailers {
-        return Err(grpc_error(
+        return Err(Box::new(grpc_error(
             Code::InvalidArgument,
             "gRPC calls carry te: trailers",
             false,
-        ));
+        )));
     }
     Deadline::try_from_headers(request.headers())
-        .map_err(|message| grpc_error(Code::InvalidArgument, &message, false))
+        .map_err(|message| Box::new(grpc_error(Code::InvalidArgument, &message, false)))
 }
 
 #[cfg(test)]
