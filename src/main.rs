@@ -1,6 +1,7 @@
 //! `minimesh`: the one binary. `up` runs the whole mesh locally by starting
 //! copies of this binary with the component subcommands.
 
+mod reconcile;
 mod up;
 
 use anyhow::Context;
@@ -41,6 +42,8 @@ enum Command {
     /// The mesh CA: create it, issue identities.
     #[command(subcommand)]
     Certs(minimesh_certs::CertsCommand),
+    /// Check that order and payment records agree (no money without an order, no order without its money); exits 1 on any violation.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 #[derive(clap::Args)]
@@ -154,6 +157,12 @@ fn main() -> anyhow::Result<()> {
             Command::CopyBinary { destination } => copy_binary(&destination),
             Command::Sidecar(args) => run_sidecar(args).await,
             Command::Gateway(args) => run_gateway(args).await,
+            Command::Reconcile(args) => {
+                if !reconcile::run(args).await? {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
         }
     })
 }

@@ -81,6 +81,8 @@ pub trait PaymentStore: Send + Sync + 'static {
         &self,
         id: String,
     ) -> impl Future<Output = Result<Option<PaymentRecord>, StoreError>> + Send;
+    /// Every payment, for the reconciliation check.
+    fn all(&self) -> impl Future<Output = Result<Vec<PaymentRecord>, StoreError>> + Send;
 }
 
 #[derive(Clone)]
@@ -216,6 +218,19 @@ impl PaymentStore for SqlitePaymentStore {
                         from_row,
                     )
                     .optional()?)
+            })
+            .await?)
+    }
+
+    async fn all(&self) -> Result<Vec<PaymentRecord>, StoreError> {
+        Ok(self
+            .db
+            .read(|conn| {
+                let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM payments"))?;
+                let rows = stmt
+                    .query_map([], from_row)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
             })
             .await?)
     }
