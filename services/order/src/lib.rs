@@ -214,12 +214,12 @@ impl Orders {
         // Also taken by retries of an interrupted request: charging is
         // idempotent per order, so settling twice charges once.
         let budget = self.charge_budget(answer_by);
-        match self.settle(&order, budget).await? {
-            Some(settled) => Ok(settled),
-            None => {
-                // Outcome unknown: never a retryable error here, since the
-                // charge may still land. The order stays PENDING and
-                // background settlement finishes it (PAID or CANCELLED).
+        match self.settle(&order, budget).await {
+            Ok(Some(settled)) => Ok(settled),
+            // Outcome unknown, or not recorded: never a retryable error here,
+            // since the charge may still land. The order stays PENDING and
+            // background settlement finishes it (PAID or CANCELLED).
+            Ok(None) | Err(_) => {
                 let current = self.store.get(order.id.clone()).await.ok().flatten();
                 Ok(current.unwrap_or(order))
             }
