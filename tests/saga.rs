@@ -620,7 +620,7 @@ async fn chaos_loses_no_money_and_charges_no_purchase_twice() {
     stop_follower.notify_one();
     let followed = follower.await.unwrap();
 
-    let tally = tally.lock().unwrap();
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
     eprintln!(
         "chaos: {pauses} pauses, {resumes} resumes, {kills} kills; {tally:?}; reconcile: {} payments, {} orders",
         report["payments"], report["orders"]
