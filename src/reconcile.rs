@@ -1,5 +1,6 @@
 //! `minimesh reconcile`: checks a data dir's order and payment databases
-//! against the saga's rules and prints every violation.
+//! against the saga's rules and prints every violation. It opens both
+//! read-only and changes nothing, so it is safe beside a running mesh.
 
 use anyhow::{Context, bail};
 use minimesh_order::reconcile::{self, PaymentFacts};
@@ -30,26 +31,22 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<bool> {
         Ok(path)
     };
     let (order_db, payment_db) = (open("order")?, open("payment")?);
-    let payments = minimesh_payment::SqlitePaymentStore::open(&payment_db)
+    let payments = minimesh_payment::SqlitePaymentStore::open_read_only(&payment_db)
         .with_context(|| format!("opening {}", payment_db.display()))?;
-    let orders = minimesh_order::OrderStore::open(&order_db)
+    let orders = minimesh_order::OrderStore::open_read_only(&order_db)
         .with_context(|| format!("opening {}", order_db.display()))?;
-    // Payments first: an order is stored before it is charged, so every
-    // payment read here has its order in the later read.
-    let payments: Vec<PaymentFacts> = payments
-        .all()
-        .await?
-        .into_iter()
-        .map(|p| PaymentFacts {
-            id: p.id,
-            order_id: p.order_id,
-            status: p.status,
-            amount_cents: p.amount_cents,
-        })
-        .collect();
-    let orders = orders.facts().await?;
+    // Payments before and after the orders (see `reconcile::check`).
+    let before = payment_facts(&payments).await?;
+    let order_facts = orders.facts().await?;
+    let after = payment_facts(&payments).await?;
     let bound = i64::try_from(args.bound.as_millis()).unwrap_or(i64::MAX);
-    let report = reconcile::check(&payments, &orders, minimesh_runtime::now_millis(), bound);
+    let report = reconcile::check(
+        &before,
+        &order_facts,
+        &after,
+        minimesh_runtime::now_millis(),
+        bound,
+    );
     if args.output == "json" {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -68,4 +65,20 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<bool> {
         );
     }
     Ok(report.is_clean())
+}
+
+async fn payment_facts(
+    store: &minimesh_payment::SqlitePaymentStore,
+) -> anyhow::Result<Vec<PaymentFacts>> {
+    Ok(store
+        .all()
+        .await?
+        .into_iter()
+        .map(|p| PaymentFacts {
+            id: p.id,
+            order_id: p.order_id,
+            status: p.status,
+            amount_cents: p.amount_cents,
+        })
+        .collect())
 }

@@ -534,7 +534,7 @@ fn millis(d: Duration) -> i64 {
 fn answer_by(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
     let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(raw)?;
-    let margin = (timeout / 10).max(Duration::from_millis(20));
+    let margin = (timeout / 5).max(Duration::from_millis(50));
     Some(Instant::now() + timeout.saturating_sub(margin))
 }
 

@@ -10,8 +10,13 @@
 //!
 //! A discrepancy the saga is still working on (a PENDING order, a refund
 //! owed) younger than `bound` is reported as in flight, not as a violation.
-//! Read the payments before the orders: every payment's order then exists
-//! in the order snapshot, since an order is stored before it is charged.
+//!
+//! The two databases cannot be read at one instant, so read the payments
+//! twice, before and after the orders. Every payment read before has its
+//! order in the order snapshot (an order is stored before it is charged);
+//! every payment an order names was written before the order named it, so
+//! it is in the read after, which also has every refund the orders say is
+//! done (a refund is recorded on the order after the payment service made it).
 
 use crate::status;
 use crate::store::OrderFacts;
@@ -57,28 +62,31 @@ fn payment_status_name(status: i32) -> &'static str {
     }
 }
 
-/// Checks the rules at `now_ms`; saga work younger than `bound_ms` is in flight.
+/// Checks the rules at `now_ms` on payments read `before` the orders and
+/// `after` them; saga work younger than `bound_ms` is in flight.
 pub fn check(
-    payments: &[PaymentFacts],
+    before: &[PaymentFacts],
     orders: &[OrderFacts],
+    after: &[PaymentFacts],
     now_ms: i64,
     bound_ms: i64,
 ) -> Report {
     let mut report = Report {
-        payments: payments.len(),
+        payments: after.len(),
         orders: orders.len(),
         ..Report::default()
     };
     let by_id: HashMap<&str, &OrderFacts> = orders.iter().map(|o| (o.id.as_str(), o)).collect();
     let payment_by_id: HashMap<&str, &PaymentFacts> =
-        payments.iter().map(|p| (p.id.as_str(), p)).collect();
+        after.iter().map(|p| (p.id.as_str(), p)).collect();
+    // The payments whose orders are surely in the snapshot, as they are now.
+    let payments = before
+        .iter()
+        .map(|p| payment_by_id.get(p.id.as_str()).copied().unwrap_or(p));
     let young = |order: &OrderFacts| now_ms - order.updated_at_ms < bound_ms;
     let fulfilled = |s: i32| matches!(s, status::PAID | status::SHIPPED | status::DELIVERED);
 
-    for payment in payments
-        .iter()
-        .filter(|p| p.status == payment_status::CAPTURED)
-    {
+    for payment in payments.filter(|p| p.status == payment_status::CAPTURED) {
         let Some(order) = by_id.get(payment.order_id.as_str()) else {
             report.violations.push(format!(
                 "payment {} is CAPTURED ({} cents) for order {}, which does not exist",
@@ -220,7 +228,7 @@ mod tests {
             order("o3", status::CANCELLED, "p3", false),
             order("o4", status::CANCELLED, "", false),
         ];
-        let report = check(&payments, &orders, 100_000, 60_000);
+        let report = check(&payments, &orders, &payments, 100_000, 60_000);
         assert!(report.is_clean(), "{report:?}");
         assert!(report.in_flight.is_empty());
     }
@@ -245,7 +253,7 @@ mod tests {
             order("o4", status::PENDING, "", false),
             order("o5", status::CANCELLED, "", true),
         ];
-        let report = check(&payments, &orders, 100_000, 60_000);
+        let report = check(&payments, &orders, &payments, 100_000, 60_000);
         let text = report.violations.join("\n");
         for needle in [
             "payment p1 is CAPTURED",
@@ -267,8 +275,27 @@ mod tests {
             order("o1", status::CANCELLED, "p1", true),
             order("o2", status::PENDING, "", false),
         ];
-        let report = check(&payments, &orders, 1_500, 60_000);
+        let report = check(&payments, &orders, &payments, 1_500, 60_000);
         assert!(report.is_clean(), "{report:?}");
         assert_eq!(report.in_flight.len(), 3, "{report:?}");
+    }
+
+    #[test]
+    fn reads_taken_at_different_moments_raise_no_false_alarm() {
+        // Read before the orders: p1 not refunded yet, p2 not made yet.
+        let before = [payment("p1", "o1", payment_status::CAPTURED)];
+        // The orders: o1's refund done, o2 paid with p2.
+        let orders = [
+            order("o1", status::CANCELLED, "p1", false),
+            order("o2", status::PAID, "p2", false),
+            // Created after the orders were read... is simply absent: o3.
+        ];
+        let after = [
+            payment("p1", "o1", payment_status::REFUNDED),
+            payment("p2", "o2", payment_status::CAPTURED),
+            payment("p3", "o3", payment_status::CAPTURED),
+        ];
+        let report = check(&before, &orders, &after, 100_000, 60_000);
+        assert!(report.is_clean(), "{report:?}");
     }
 }

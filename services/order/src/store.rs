@@ -357,6 +357,14 @@ impl OrderStore {
         })
     }
 
+    /// Opens a database read-only, without migrating it (reconciliation
+    /// reads only columns every schema version has).
+    pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
+        Ok(Self {
+            db: Db::open_read_only(path)?,
+        })
+    }
+
     pub fn in_memory() -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open_in_memory(MIGRATIONS)?,

@@ -97,6 +97,13 @@ impl SqlitePaymentStore {
         })
     }
 
+    /// Opens a database read-only, without migrating it (reconciliation).
+    pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
+        Ok(Self {
+            db: Db::open_read_only(path)?,
+        })
+    }
+
     pub fn in_memory() -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open_in_memory(MIGRATIONS)?,
