@@ -707,8 +707,9 @@ impl OrderStore {
     }
 
     /// Records the payment of a CANCELLED order whose charge outcome was
-    /// unknown. A captured payment stays owed a refund (and is due now); a
-    /// declined one settles the debt. Returns the order afterwards.
+    /// unknown. A captured payment stays owed a refund (on its schedule: the
+    /// caller tries the refund next); a declined one settles the debt.
+    /// Returns the order afterwards.
     pub async fn record_payment(
         &self,
         id: String,
@@ -720,7 +721,7 @@ impl OrderStore {
                 let now = minimesh_runtime::now_millis();
                 tx.execute(
                     "UPDATE orders SET payment_id = ?2, refund_pending = ?3,
-                        retry_at_ms = CASE WHEN ?3 = 1 THEN ?4 ELSE NULL END, attempts = 0
+                        retry_at_ms = CASE WHEN ?3 = 1 THEN COALESCE(retry_at_ms, ?4) ELSE NULL END
                      WHERE id = ?1 AND status = ?5 AND refund_pending = 1 AND payment_id = ''",
                     params![id, payment_id, captured as i32, now, status::CANCELLED],
                 )?;
@@ -1032,15 +1033,11 @@ mod tests {
             .unwrap();
         assert_eq!(recorded.payment_id, "pay_1");
         let owed = store
-            .claim_due(
-                Work::Compensate,
-                minimesh_runtime::now_millis(),
-                schedule,
-                10,
-            )
+            .claim_due(Work::Compensate, 10 + 1_000_000 + 10, schedule, 10)
             .await
             .unwrap();
-        assert_eq!(owed.len(), 1, "the refund is owed and due at once");
+        // The claimer died before refunding: the refund comes due after the lease.
+        assert_eq!(owed.len(), 1, "the refund is still owed");
         assert_eq!(owed[0].order.payment_id, "pay_1");
         store.refund_done(order.id.clone()).await.unwrap();
         assert!(
