@@ -66,18 +66,42 @@ fn real_pid(pid: i64) -> i32 {
     pid
 }
 
+/// Whether `pid` is (still) a payment service process. mesh.json may name
+/// a process that just died, and pids are reused soon (pid_max is often
+/// 32768), even as thread ids of other processes; a signal to a thread id
+/// hits its whole process. Checked right before each signal.
+fn is_payment_process(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let own_process = status
+        .lines()
+        .any(|l| l.strip_prefix("Tgid:").map(str::trim) == Some(&pid.to_string()));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    own_process
+        && cmdline
+            .windows(b"service\0payment".len())
+            .any(|w| w == b"service\0payment")
+}
+
 impl Paused {
     fn pause(&self, pid: i64) {
         let pid = real_pid(pid);
-        if kill(Pid::from_raw(pid), Signal::SIGSTOP).is_ok() {
+        if is_payment_process(pid) && kill(Pid::from_raw(pid), Signal::SIGSTOP).is_ok() {
             self.0.lock().unwrap().insert(pid);
         }
     }
     fn resume(&self, pid: i64) {
         let pid = real_pid(pid);
-        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-        self.0.lock().unwrap().remove(&pid);
+        if self.0.lock().unwrap().remove(&pid) && is_payment_process(pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
     }
+    /// The process is gone: nothing to resume.
+    fn forget(&self, pid: i64) {
+        self.0.lock().unwrap().remove(&real_pid(pid));
+    }
+
     fn resume_all(&self) {
         let pids: Vec<i32> = self.0.lock().unwrap().iter().copied().collect();
         for pid in pids {
@@ -624,9 +648,11 @@ async fn chaos_loses_no_money_and_charges_no_purchase_twice() {
             }
             _ => {
                 // `up` restarts it; a paused one dies too.
-                let _ = kill(Pid::from_raw(real_pid(pid)), Signal::SIGKILL);
-                paused.resume(pid);
-                kills += 1;
+                if is_payment_process(real_pid(pid)) {
+                    let _ = kill(Pid::from_raw(real_pid(pid)), Signal::SIGKILL);
+                    kills += 1;
+                }
+                paused.forget(pid);
             }
         }
     }
