@@ -85,11 +85,14 @@ fn is_payment_process(pid: i32) -> bool {
 }
 
 impl Paused {
-    fn pause(&self, pid: i64) {
+    /// Stops a payment process; false if `pid` is not one (any more).
+    fn pause(&self, pid: i64) -> bool {
         let pid = real_pid(pid);
-        if is_payment_process(pid) && kill(Pid::from_raw(pid), Signal::SIGSTOP).is_ok() {
+        let stopped = is_payment_process(pid) && kill(Pid::from_raw(pid), Signal::SIGSTOP).is_ok();
+        if stopped {
             self.0.lock().unwrap().insert(pid);
         }
+        stopped
     }
     fn resume(&self, pid: i64) {
         let pid = real_pid(pid);
@@ -229,7 +232,7 @@ async fn a_hung_payment_never_keeps_money_or_invites_a_duplicate() {
     let buyer = new_user(&mut UserServiceClient::new(channel)).await;
     let paused = Paused::default();
     let pid = payment_pids(&mesh)[0];
-    paused.pause(pid);
+    assert!(paused.pause(pid), "payment process {pid} paused");
 
     // Scenario 3: no key; the outcome is unknown, so the answer is the order, PENDING.
     let started = Instant::now();
@@ -340,7 +343,7 @@ async fn fulfilment_keeps_its_pace_while_payment_hangs() {
     assert_eq!(watched.status, OrderStatus::Paid as i32);
     let paused = Paused::default();
     let pid = payment_pids(&mesh)[0];
-    paused.pause(pid);
+    assert!(paused.pause(pid), "payment process {pid} paused");
     // While payment hangs: OWED refunds (cancelled PAID orders) and OWED
     // settlements (orders answered PENDING), every attempt at which waits
     // for the upstream timeout.
@@ -637,8 +640,9 @@ async fn chaos_loses_no_money_and_charges_no_purchase_twice() {
         let pid = pids[rng.below(pids.len() as u64) as usize];
         match rng.below(10) {
             0..=3 if !paused.is_paused(pid) => {
-                paused.pause(pid);
-                pauses += 1;
+                if paused.pause(pid) {
+                    pauses += 1;
+                }
             }
             0..=6 => {
                 if paused.is_paused(pid) {
