@@ -192,6 +192,13 @@ impl Orders {
     ) -> Result<OrderRecord, Status> {
         let new = validate_order(req)?;
         self.check_user(&new.user_id).await?;
+        if answer_by.is_some_and(|at| Instant::now() >= at) {
+            // Safe to retry: nothing was stored. Past this point an answer
+            // is always the order.
+            return Err(Status::deadline_exceeded(
+                "the caller's deadline left no time to place the order; nothing was created",
+            ));
+        }
         let budget = self.charge_budget(answer_by);
         // Until the charge below has had its chance, background settlement leaves the order alone.
         let settle_at = minimesh_runtime::now_millis() + millis(budget + SETTLE_GRACE);
