@@ -428,6 +428,8 @@ struct Tally {
     keyed: usize,
     pending_answers: usize,
     retries: usize,
+    /// Why calls were retried: code and the start of the message.
+    retried_for: std::collections::BTreeMap<String, usize>,
     cancels: usize,
     /// Calls that ran out of the client's own deadline (outcome unknown; not retried).
     deadline_exceeded: usize,
@@ -451,7 +453,14 @@ where
                 ) && attempt < 5 =>
             {
                 attempt += 1;
-                tally.lock().unwrap().retries += 1;
+                {
+                    let mut t = tally.lock().unwrap();
+                    t.retries += 1;
+                    let why: String = status.message().chars().take(48).collect();
+                    *t.retried_for
+                        .entry(format!("{:?}: {why}", status.code()))
+                        .or_default() += 1;
+                }
                 tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
             }
             other => return other,
