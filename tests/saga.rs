@@ -31,14 +31,7 @@ async fn start(dir: &Path, extra: &[&str]) -> Mesh {
     start_with_timeout(dir, extra, UPSTREAM_TIMEOUT).await
 }
 
-/// One mesh starts at a time in this file: `up` reserves its ports by
-/// probing and its children bind them later, so two `up`s starting together
-/// can pick the same port (seen about once in ten runs of this file). Once
-/// ready, every port is bound.
-static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 async fn start_with_timeout(dir: &Path, extra: &[&str], upstream_timeout: &str) -> Mesh {
-    let _one_at_a_time = STARTING.lock().await;
     start_mesh_with_env(
         dir,
         extra,
