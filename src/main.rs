@@ -2,6 +2,7 @@
 //! copies of this binary with the component subcommands.
 
 mod observe;
+mod reconcile;
 mod up;
 
 use anyhow::Context;
@@ -49,6 +50,8 @@ enum Command {
     /// The mesh CA: create it, issue identities.
     #[command(subcommand)]
     Certs(minimesh_certs::CertsCommand),
+    /// Check that order and payment records agree (no money without an order, no order without its money); exits 1 on any violation.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 #[derive(clap::Args)]
@@ -216,6 +219,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Sidecar(args) => run_sidecar(args).await,
             Command::Identity(args) => run_identity(args).await,
             Command::Gateway(args) => run_gateway(args).await,
+            Command::Reconcile(args) => {
+                if !reconcile::run(args).await? {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
         }
     })
 }

@@ -456,3 +456,43 @@ async fn concurrent_creates_with_one_key_make_one_order_and_one_payment() {
     let err = client.create_order(reused).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
 }
+
+/// Issue 14, point 4: the old fingerprint fed these two requests to the hash
+/// as the same bytes, so the second was answered with the first order.
+#[tokio::test]
+async fn a_reused_key_with_another_request_is_never_taken_for_a_retry() {
+    let shop = start_shop(SLOW).await;
+    let mut users = shop.users().await;
+    let buyer = new_user(&mut users).await;
+    let mut orders = shop.orders().await;
+
+    let mut first = order_request(&buyer.id, vec![item("a", 1, 100), item("b", 1, 100)]);
+    first.idempotency_key = "NULK".into();
+    let order = orders
+        .create_order(first.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (order.status, order.total_cents),
+        (OrderStatus::Paid as i32, 200)
+    );
+
+    let mut forged = order_request(
+        &buyer.id,
+        vec![item("a\x01\0\0\0d\0\0\0\0\0\0\0\0b", 1, 100)],
+    );
+    forged.idempotency_key = "NULK".into();
+    let err = orders.create_order(forged).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("control"), "{}", err.message());
+
+    let mut other = order_request(&buyer.id, vec![item("ab", 1, 100)]);
+    other.idempotency_key = "NULK".into();
+    let err = orders.create_order(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    let again = orders.create_order(first).await.unwrap().into_inner();
+    assert_eq!(again.id, order.id, "the same request is a retry");
+    assert_eq!(payments_for_order(&shop.payment_db(), &order.id), 1);
+}

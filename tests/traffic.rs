@@ -243,7 +243,7 @@ async fn killing_a_payment_sidecar_loses_and_duplicates_nothing() {
 
 #[tokio::test]
 async fn with_every_payment_replica_down_calls_fail_fast_within_the_budget() {
-    // Stated bound: a CreateOrder whose payment cannot be reached fails within 1 s.
+    // Stated bound: a CreateOrder whose payment cannot be reached answers within 1 s.
     const BOUND: Duration = Duration::from_secs(1);
     let dir = tempfile::tempdir().unwrap();
     let mesh = start_mesh(
@@ -281,13 +281,15 @@ async fn with_every_payment_replica_down_calls_fail_fast_within_the_budget() {
     let mut slowest = Duration::ZERO;
     for _ in 0..50 {
         let call = Instant::now();
-        let err = orders
+        // The charge outcome is unknown: the order is answered PENDING (never
+        // a retryable error, CONTRACT §2) and settled once payment is back.
+        let order = orders
             .create_order(order_request(&user, vec![item("widget", 1, 999)]))
             .await
-            .unwrap_err();
+            .unwrap()
+            .into_inner();
         slowest = slowest.max(call.elapsed());
-        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-        assert!(err.message().contains("payment"), "{}", err.message());
+        assert_eq!(order.status, OrderStatus::Pending as i32, "{order:?}");
     }
     let elapsed = started.elapsed();
     assert!(slowest < BOUND, "slowest failing call took {slowest:?}");

@@ -2,12 +2,13 @@
 //! the payment service), runs fulfilment, and streams status changes.
 
 mod feed;
+pub mod reconcile;
 mod store;
 mod watch;
 mod worker;
 
 pub use feed::Feed;
-pub use store::{OrderStore, StoreError, status};
+pub use store::{OrderFacts, OrderStore, StoreError, status};
 
 use minimesh_proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
 use minimesh_proto::order::v1::{
@@ -15,7 +16,7 @@ use minimesh_proto::order::v1::{
     Order, OrderEvent, OrderItem, TrackRequest, WatchOrderRequest,
 };
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
-use minimesh_proto::payment::v1::{ChargeRequest, PaymentStatus, RefundRequest};
+use minimesh_proto::payment::v1::{ChargeRequest, Payment, PaymentStatus, RefundRequest};
 use minimesh_proto::user::v1::GetUserRequest;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_runtime::metrics::ServiceMetrics;
@@ -25,8 +26,8 @@ use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-use store::{Created, ItemRecord, NewOrder, OrderRecord, Transition};
+use std::time::{Duration, Instant};
+use store::{Claimed, Created, Cursor, ItemRecord, NewOrder, OrderRecord, Transition, Work};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -67,8 +68,9 @@ pub struct OrderConfig {
 
 const MAX_ITEMS: usize = 1000;
 const MAX_FIELD_LEN: usize = 128;
-/// A PENDING order untouched this long had its charge interrupted; the worker settles it.
-const STALE_PENDING: Duration = Duration::from_secs(10);
+/// After CreateOrder's own charge had its chance, background settlement
+/// waits this much longer before it takes the order over.
+const SETTLE_GRACE: Duration = Duration::from_secs(1);
 /// How often each process polls the event log for other replicas' changes.
 const FEED_POLL: Duration = Duration::from_millis(100);
 
@@ -80,7 +82,10 @@ pub struct Orders {
     users: UserServiceClient<Upstream>,
     payments: PaymentServiceClient<Upstream>,
     step: Duration,
+    upstream_timeout: Duration,
     metrics: Arc<ServiceMetrics>,
+    /// Wakes background compensation (a cancel just made some due).
+    compensate_now: tokio::sync::Notify,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +140,8 @@ impl Orders {
                 config.upstream_timeout,
             )?),
             step: config.fulfilment_step,
+            upstream_timeout: config.upstream_timeout,
+            compensate_now: tokio::sync::Notify::new(),
             metrics: ServiceMetrics::new(
                 "minimesh_orders",
                 "Orders reaching each status (paid, shipped, delivered, cancelled).",
@@ -174,12 +181,30 @@ impl Orders {
         }
     }
 
-    async fn create(&self, req: CreateOrderRequest) -> Result<OrderRecord, Status> {
+    /// Places an order. `answer_by` is when the caller's deadline makes an
+    /// answer due: the charge is given until then (at most the upstream
+    /// timeout), and an order whose charge outcome is still unknown is
+    /// answered PENDING and settled in the background.
+    async fn create(
+        &self,
+        req: CreateOrderRequest,
+        answer_by: Option<Instant>,
+    ) -> Result<OrderRecord, Status> {
         let new = validate_order(req)?;
         self.check_user(&new.user_id).await?;
+        if answer_by.is_some_and(|at| Instant::now() >= at) {
+            // Safe to retry: nothing was stored. Past this point an answer
+            // is always the order.
+            return Err(Status::deadline_exceeded(
+                "the caller's deadline left no time to place the order; nothing was created",
+            ));
+        }
+        let budget = self.charge_budget(answer_by);
+        // Until the charge below has had its chance, background settlement leaves the order alone.
+        let settle_at = minimesh_runtime::now_millis() + millis(budget + SETTLE_GRACE);
         let order = match self
             .store
-            .create_pending(new)
+            .create_pending(new, settle_at)
             .await
             .map_err(|e| self.store_status(e))?
         {
@@ -190,22 +215,44 @@ impl Orders {
             }
             Created::Existing(order) => order,
         };
-        if order.status == status::PENDING {
-            // Also taken by retries of an interrupted request: charging is
-            // idempotent per order, so settling twice charges once.
-            return self.settle(order).await;
+        if order.status != status::PENDING {
+            return Ok(order);
         }
-        Ok(order)
+        // Also taken by retries of an interrupted request: charging is
+        // idempotent per order, so settling twice charges once.
+        let budget = self.charge_budget(answer_by);
+        match self.settle(&order, budget).await {
+            Ok(Some(settled)) => Ok(settled),
+            // Outcome unknown, or not recorded: never a retryable error here,
+            // since the charge may still land. The order stays PENDING and
+            // background settlement finishes it (PAID or CANCELLED).
+            Ok(None) | Err(_) => {
+                let current = self.store.get(order.id.clone()).await.ok().flatten();
+                Ok(current.unwrap_or(order))
+            }
+        }
     }
 
-    /// Charges a PENDING order and records the outcome.
-    async fn settle(&self, order: OrderRecord) -> Result<OrderRecord, Status> {
+    /// How long a CreateOrder may spend charging: the upstream timeout, or
+    /// less when the caller's deadline comes sooner.
+    fn charge_budget(&self, answer_by: Option<Instant>) -> Duration {
+        match answer_by {
+            Some(at) => self
+                .upstream_timeout
+                .min(at.saturating_duration_since(Instant::now())),
+            None => self.upstream_timeout,
+        }
+    }
+
+    /// Charges the order's payment (idempotent: the key is the order's id),
+    /// repeating on UNAVAILABLE within `budget`.
+    async fn charge(&self, order: &OrderRecord, budget: Duration) -> ChargeOutcome {
         let charge = ChargeRequest {
             order_id: order.id.clone(),
             user_id: order.user_id.clone(),
             amount_cents: order.total_cents,
             currency: order.currency.clone(),
-            idempotency_key: format!("order:{}", order.id),
+            idempotency_key: charge_key(&order.id),
         };
         // The charge is idempotent per order, so an UNAVAILABLE answer (which
         // may come after the payment service acted) is safe to repeat.
@@ -215,47 +262,79 @@ impl Orders {
             let charge = charge.clone();
             async move { payments.charge(charge).await }
         });
-        let payment = match charged.await {
-            Ok(response) => response.into_inner(),
-            Err(status)
+        match tokio::time::timeout(budget, charged).await {
+            Ok(Ok(response)) => ChargeOutcome::Payment(response.into_inner()),
+            Ok(Err(status))
                 if matches!(
                     status.code(),
                     Code::InvalidArgument | Code::AlreadyExists | Code::FailedPrecondition
                 ) =>
             {
+                ChargeOutcome::Refused(status)
+            }
+            Ok(Err(status)) => ChargeOutcome::Unknown(status),
+            Err(_) => ChargeOutcome::Unknown(Status::deadline_exceeded(format!(
+                "no charge result within {budget:?}"
+            ))),
+        }
+    }
+
+    /// Charges a PENDING order and records the outcome. None when the outcome
+    /// is unknown (the order stays PENDING, its settlement still owed).
+    async fn settle(
+        &self,
+        order: &OrderRecord,
+        budget: Duration,
+    ) -> Result<Option<OrderRecord>, Status> {
+        let payment = match self.charge(order, budget).await {
+            ChargeOutcome::Payment(payment) => payment,
+            ChargeOutcome::Refused(status) => {
                 let reason = format!("payment refused: {}", status.message());
                 return self
                     .finish_settlement(&order.id, status::CANCELLED, reason, None)
-                    .await;
+                    .await
+                    .map(Some);
             }
-            Err(status) => {
-                tracing::warn!(order_id = %order.id, code = ?status.code(), message = status.message(), "charge failed; order stays pending");
-                return Err(Status::unavailable(format!(
-                    "payment service unavailable ({}); order {} is pending, retry with the same idempotency_key",
-                    status.message(),
-                    order.id
-                )));
+            ChargeOutcome::Unknown(status) => {
+                tracing::warn!(order_id = %order.id, code = ?status.code(), message = status.message(), "charge outcome unknown; order stays pending");
+                return Ok(None);
             }
         };
-        if payment.status == PaymentStatus::Captured as i32 {
-            let settled = self
-                .finish_settlement(
-                    &order.id,
-                    status::PAID,
-                    String::new(),
-                    Some(payment.id.clone()),
-                )
-                .await?;
-            if settled.status == status::CANCELLED && settled.payment_id != payment.id {
-                // Cancelled while the charge was in flight: give the money back.
-                self.refund(&settled.id, &payment.id).await;
-            }
-            Ok(settled)
+        let captured = payment.status == PaymentStatus::Captured as i32;
+        let settled = if captured {
+            self.finish_settlement(
+                &order.id,
+                status::PAID,
+                String::new(),
+                Some(payment.id.clone()),
+            )
+            .await?
         } else {
             let reason = format!("payment declined: {}", payment.decline_reason);
-            self.finish_settlement(&order.id, status::CANCELLED, reason, Some(payment.id))
+            self.finish_settlement(
+                &order.id,
+                status::CANCELLED,
+                reason,
+                Some(payment.id.clone()),
+            )
+            .await?
+        };
+        if settled.status == status::CANCELLED && settled.payment_id != payment.id {
+            // Cancelled while the charge was in flight. The cancel recorded
+            // that a refund may be owed; record which payment, then try the
+            // refund now (background compensation retries it until it goes through).
+            tracing::info!(order_id = %order.id, payment_id = %payment.id, captured, "charge landed on a cancelled order");
+            let recorded = self
+                .store
+                .record_payment(order.id.clone(), payment.id.clone(), captured)
                 .await
+                .map_err(|e| self.store_status(e))?;
+            if captured {
+                self.refund_owed(&order.id, &payment.id, budget).await;
+            }
+            return Ok(recorded.or(Some(settled)));
         }
+        Ok(Some(settled))
     }
 
     async fn finish_settlement(
@@ -265,8 +344,7 @@ impl Orders {
         reason: String,
         payment_id: Option<String>,
     ) -> Result<OrderRecord, Status> {
-        let next = (to == status::PAID)
-            .then(|| minimesh_runtime::now_millis() + self.step.as_millis() as i64);
+        let next = (to == status::PAID).then(|| minimesh_runtime::now_millis() + millis(self.step));
         let t = Transition {
             from: status::PENDING,
             to,
@@ -274,6 +352,7 @@ impl Orders {
             payment_id,
             next_step_at_ms: next,
             refund_pending: false,
+            retry_at_ms: None,
         };
         let (order, moved) = self
             .store
@@ -289,21 +368,43 @@ impl Orders {
         Ok(order)
     }
 
-    async fn refund(&self, order_id: &str, payment_id: &str) -> bool {
+    /// Refunds a payment the order owes back and records it when done.
+    /// Returns false when the refund must be tried again later.
+    async fn refund_owed(&self, order_id: &str, payment_id: &str, budget: Duration) -> bool {
         let request = RefundRequest {
             payment_id: payment_id.to_owned(),
             idempotency_key: format!("refund:{order_id}"),
         };
-        match self.payments.clone().refund(request).await {
-            Ok(_) => true,
-            Err(status) => {
+        let mut payments = self.payments.clone();
+        let done = match tokio::time::timeout(budget, payments.refund(request)).await {
+            Ok(Ok(_)) => true,
+            // Declined payments hold no money: nothing to give back.
+            Ok(Err(status)) if status.code() == Code::FailedPrecondition => true,
+            Ok(Err(status)) => {
                 tracing::warn!(order_id, payment_id, code = ?status.code(), message = status.message(), "refund failed; will retry");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(order_id, payment_id, "refund timed out; will retry");
+                false
+            }
+        };
+        if !done {
+            return false;
+        }
+        match self.store.refund_done(order_id.to_owned()).await {
+            Ok(()) => {
+                tracing::info!(order_id, payment_id, "refund done");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(%err, order_id, "cannot record refund; will retry");
                 false
             }
         }
     }
 
-    async fn cancel(&self, id: String) -> Result<OrderRecord, Status> {
+    async fn cancel(&self, id: String, answer_by: Option<Instant>) -> Result<OrderRecord, Status> {
         // A few rounds: the order may move (settle, fulfilment) between read and CAS.
         for _ in 0..5 {
             let order = self
@@ -312,7 +413,10 @@ impl Orders {
                 .await
                 .map_err(|e| self.store_status(e))?
                 .ok_or_else(|| Status::not_found(format!("order {id} not found")))?;
-            let refund = match order.status {
+            let now = minimesh_runtime::now_millis();
+            // The refund owed is recorded with the cancellation itself, before
+            // anything is attempted, so it survives a crash right after.
+            let retry_at = match order.status {
                 status::CANCELLED => return Ok(order),
                 status::SHIPPED | status::DELIVERED => {
                     return Err(Status::failed_precondition(format!(
@@ -320,8 +424,11 @@ impl Orders {
                         status::name(order.status)
                     )));
                 }
-                status::PAID => true,
-                _ => false,
+                // Refunded just below; background compensation takes over if that fails.
+                status::PAID => now + millis(self.upstream_timeout + SETTLE_GRACE),
+                // Its charge may be in flight: compensation finds it (same
+                // key) and refunds it, or fences the key so it never lands.
+                _ => now,
             };
             let t = Transition {
                 from: order.status,
@@ -329,7 +436,8 @@ impl Orders {
                 reason: "cancelled by the customer".to_owned(),
                 payment_id: None,
                 next_step_at_ms: None,
-                refund_pending: refund,
+                refund_pending: true,
+                retry_at_ms: Some(retry_at),
             };
             let Some((cancelled, moved)) = self
                 .store
@@ -344,12 +452,12 @@ impl Orders {
             }
             self.feed.nudge();
             self.metrics.count(status::metric_name(status::CANCELLED));
-            tracing::info!(order_id = %id, refund, "order cancelled");
-            if refund && self.refund(&id, &cancelled.payment_id).await {
-                self.store
-                    .refund_done(id.clone())
-                    .await
-                    .map_err(|e| self.store_status(e))?;
+            tracing::info!(order_id = %id, from = status::name(order.status), "order cancelled");
+            if order.status == status::PAID {
+                let budget = self.charge_budget(answer_by);
+                self.refund_owed(&id, &cancelled.payment_id, budget).await;
+            } else {
+                self.compensate_now.notify_one();
             }
             return Ok(cancelled);
         }
@@ -358,34 +466,101 @@ impl Orders {
         )))
     }
 
-    async fn retry_refunds(&self, limit: u32) {
-        let pending = match self.store.pending_refunds(limit).await {
-            Ok(p) => p,
-            Err(err) => return tracing::warn!(%err, "cannot list pending refunds"),
-        };
-        for (order_id, payment_id) in pending {
-            if self.refund(&order_id, &payment_id).await
-                && let Err(err) = self.store.refund_done(order_id).await
-            {
-                tracing::warn!(%err, "cannot record refund");
-            }
-        }
-    }
-
-    async fn settle_stale_pending(&self, limit: u32) {
-        let before = minimesh_runtime::now_millis() - STALE_PENDING.as_millis() as i64;
-        match self.store.stale_pending(before, limit).await {
-            Ok(orders) => {
-                for order in orders {
-                    let id = order.id.clone();
-                    if let Err(status) = self.settle(order).await {
-                        tracing::debug!(order_id = %id, message = status.message(), "stale order still unsettled");
-                    }
+    /// One attempt at owed background work on a claimed order. Returns
+    /// false when the work is still owed.
+    async fn work(&self, work: Work, claimed: Claimed) -> bool {
+        let order = claimed.order;
+        let budget = self.upstream_timeout;
+        match work {
+            Work::Settle => match self.settle(&order, budget).await {
+                Ok(Some(_)) => true,
+                Ok(None) => false,
+                Err(status) => {
+                    tracing::warn!(order_id = %order.id, message = status.message(), "settlement failed");
+                    false
                 }
+            },
+            Work::Compensate => {
+                let payment_id = if order.payment_id.is_empty() {
+                    // Which charge, if any, landed? Charging again with the
+                    // order's key returns it; if none landed, this charge
+                    // takes the key, so a late one can never capture again.
+                    match self.charge(&order, budget).await {
+                        ChargeOutcome::Payment(payment) => {
+                            let captured = payment.status == PaymentStatus::Captured as i32;
+                            if let Err(err) = self
+                                .store
+                                .record_payment(order.id.clone(), payment.id.clone(), captured)
+                                .await
+                            {
+                                tracing::warn!(%err, order_id = %order.id, "cannot record payment");
+                                return false;
+                            }
+                            if !captured {
+                                return true;
+                            }
+                            payment.id
+                        }
+                        ChargeOutcome::Refused(status) if status.code() != Code::AlreadyExists => {
+                            // This charge can never be taken, so none was.
+                            return self.store.refund_done(order.id.clone()).await.is_ok();
+                        }
+                        ChargeOutcome::Refused(status) | ChargeOutcome::Unknown(status) => {
+                            tracing::warn!(order_id = %order.id, code = ?status.code(), message = status.message(), "cannot look up the charge of a cancelled order; will retry");
+                            return false;
+                        }
+                    }
+                } else {
+                    order.payment_id.clone()
+                };
+                self.refund_owed(&order.id, &payment_id, budget).await
             }
-            Err(err) => tracing::warn!(%err, "cannot list stale pending orders"),
         }
     }
+}
+
+enum ChargeOutcome {
+    /// The payment service answered with the order's payment (captured or declined).
+    Payment(Payment),
+    /// The payment service refused the request: no charge was or will be taken.
+    Refused(Status),
+    /// No answer in time, or an answer that does not say (the charge may land).
+    Unknown(Status),
+}
+
+fn charge_key(order_id: &str) -> String {
+    format!("order:{order_id}")
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// When the caller's `grpc-timeout` runs out, less a margin to send the
+/// answer back through the mesh.
+fn answer_by(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
+    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let timeout = parse_grpc_timeout(raw)?;
+    let margin = (timeout / 5).max(Duration::from_millis(50));
+    Some(Instant::now() + timeout.saturating_sub(margin))
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
+fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
+    if raw.len() < 2 || raw.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = raw.split_at(raw.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Calls made by the order service that are idempotent (reads, and charges
@@ -441,15 +616,17 @@ fn validate_order(req: CreateOrderRequest) -> Result<NewOrder, Status> {
         )));
     }
     let mut total: i64 = 0;
-    let mut hasher = Sha256::new();
-    hasher.update(req.user_id.as_bytes());
-    hasher.update([0]);
-    hasher.update(req.currency.as_bytes());
     let mut items = Vec::with_capacity(req.items.len());
     for (i, item) in req.items.into_iter().enumerate() {
         if item.sku.is_empty() || item.sku.len() > MAX_FIELD_LEN {
             return Err(invalid(format!(
                 "items[{i}].sku must be 1 to {MAX_FIELD_LEN} bytes"
+            )));
+        }
+        if let Some(c) = item.sku.chars().find(|c| c.is_control()) {
+            return Err(invalid(format!(
+                "items[{i}].sku must not contain control characters, found U+{:04X}",
+                u32::from(c)
             )));
         }
         if item.quantity < 1 {
@@ -469,10 +646,6 @@ fn validate_order(req: CreateOrderRequest) -> Result<NewOrder, Status> {
             .checked_mul(i64::from(item.quantity))
             .and_then(|line| total.checked_add(line))
             .ok_or_else(|| invalid("order total overflows".into()))?;
-        hasher.update([0]);
-        hasher.update(item.sku.as_bytes());
-        hasher.update(item.quantity.to_le_bytes());
-        hasher.update(item.unit_price_cents.to_le_bytes());
         items.push(ItemRecord {
             sku: item.sku,
             quantity: item.quantity,
@@ -482,19 +655,56 @@ fn validate_order(req: CreateOrderRequest) -> Result<NewOrder, Status> {
     if total <= 0 {
         return Err(invalid("order total must be greater than zero".into()));
     }
-    let request_hash = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
     Ok(NewOrder {
+        request_hash: fingerprint(&req.user_id, &req.currency, &items),
+        legacy_hash: Some(legacy_fingerprint(&req.user_id, &req.currency, &items)),
         user_id: req.user_id,
         items,
         total_cents: total,
         currency: req.currency,
         idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
-        request_hash,
     })
+}
+
+/// What tells a retry from a reused idempotency key. Every string is
+/// length-prefixed and every number fixed-width, so two different requests
+/// can never feed the hash the same bytes.
+fn fingerprint(user_id: &str, currency: &str, items: &[ItemRecord]) -> String {
+    fn field(hasher: &mut Sha256, bytes: &[u8]) {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    let mut hasher = Sha256::new();
+    field(&mut hasher, b"shop.order.v1.CreateOrderRequest");
+    field(&mut hasher, user_id.as_bytes());
+    field(&mut hasher, currency.as_bytes());
+    hasher.update((items.len() as u64).to_le_bytes());
+    for item in items {
+        field(&mut hasher, item.sku.as_bytes());
+        hasher.update(item.quantity.to_le_bytes());
+        hasher.update(item.unit_price_cents.to_le_bytes());
+    }
+    format!("v2:{}", hex(&hasher.finalize()))
+}
+
+/// The ambiguous fingerprint of earlier versions, still stored on their
+/// orders: only compared against those, so their keys keep working.
+fn legacy_fingerprint(user_id: &str, currency: &str, items: &[ItemRecord]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(user_id.as_bytes());
+    hasher.update([0]);
+    hasher.update(currency.as_bytes());
+    for item in items {
+        hasher.update([0]);
+        hasher.update(item.sku.as_bytes());
+        hasher.update(item.quantity.to_le_bytes());
+        hasher.update(item.unit_price_cents.to_le_bytes());
+    }
+    hex(&hasher.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(crate) fn to_proto(order: OrderRecord) -> Order {
@@ -534,7 +744,8 @@ impl OrderService for OrderApi {
         &self,
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<Order>, Status> {
-        let order = self.orders.create(request.into_inner()).await?;
+        let answer_by = answer_by(request.metadata());
+        let order = self.orders.create(request.into_inner(), answer_by).await?;
         Ok(Response::new(to_proto(order)))
     }
 
@@ -564,7 +775,13 @@ impl OrderService for OrderApi {
     ) -> Result<Response<ListOrdersResponse>, Status> {
         let req = request.into_inner();
         let size = page::page_size(req.page_size)?;
-        let after = page::decode_token(&req.page_token)?;
+        let after = match page::decode_token(&req.page_token)? {
+            None => Cursor::Start,
+            Some(last) => match last.parse::<i64>() {
+                Ok(seq) => Cursor::Seq(seq),
+                Err(_) => Cursor::LegacyId(last),
+            },
+        };
         let user = (!req.user_id.is_empty()).then_some(req.user_id);
         let mut rows = self
             .orders
@@ -575,7 +792,7 @@ impl OrderService for OrderApi {
         let next_page_token = if rows.len() > size as usize {
             rows.truncate(size as usize);
             rows.last()
-                .map(|o| page::encode_token(&o.id))
+                .map(|o| page::encode_token(&o.seq.to_string()))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -590,11 +807,14 @@ impl OrderService for OrderApi {
         &self,
         request: Request<CancelOrderRequest>,
     ) -> Result<Response<Order>, Status> {
+        let answer_by = answer_by(request.metadata());
         let id = request.into_inner().id;
         if id.is_empty() {
             return Err(Status::invalid_argument("id is required"));
         }
-        Ok(Response::new(to_proto(self.orders.cancel(id).await?)))
+        Ok(Response::new(to_proto(
+            self.orders.cancel(id, answer_by).await?,
+        )))
     }
 
     type WatchOrderStream = watch::EventStream;
@@ -655,9 +875,11 @@ pub async fn serve(
     let _metrics =
         minimesh_runtime::metrics::listen(config.metrics_listen.as_deref(), orders.metrics.clone())
             .await?;
-    let worker = worker::spawn(orders.clone(), config.fulfilment_step);
+    let workers = worker::spawn(orders.clone(), config.fulfilment_step);
     let result = grpc::serve(listener, service(orders), shutdown).await;
-    worker.abort();
+    for worker in workers {
+        worker.abort();
+    }
     result?;
     Ok(())
 }
@@ -703,6 +925,63 @@ mod tests {
             let err = validate_order(request(items)).unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument);
             assert!(err.message().contains(needle), "{}", err.message());
+        }
+    }
+
+    /// Issue 14, point 4: these two requests fed the old fingerprint the same bytes.
+    #[test]
+    fn fingerprints_of_different_requests_differ() {
+        let two = [
+            ItemRecord {
+                sku: "a".into(),
+                quantity: 1,
+                unit_price_cents: 100,
+            },
+            ItemRecord {
+                sku: "b".into(),
+                quantity: 1,
+                unit_price_cents: 100,
+            },
+        ];
+        let one = [ItemRecord {
+            sku: "a\x01\0\0\0d\0\0\0\0\0\0\0\0b".into(),
+            quantity: 1,
+            unit_price_cents: 100,
+        }];
+        assert_eq!(
+            legacy_fingerprint("usr", "EUR", &two),
+            legacy_fingerprint("usr", "EUR", &one),
+            "the collision this guards against"
+        );
+        assert_ne!(
+            fingerprint("usr", "EUR", &two),
+            fingerprint("usr", "EUR", &one)
+        );
+        assert_ne!(
+            fingerprint("usr", "EUR", &two),
+            fingerprint("usrE", "UR", &two)
+        );
+    }
+
+    #[test]
+    fn skus_with_control_characters_are_invalid_argument() {
+        for sku in ["a\0b", "tab\there", "line\n", "del\u{7f}"] {
+            let err = validate_order(request(vec![item(sku, 1, 1)])).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(err.message().contains("control"), "{}", err.message());
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(
+            parse_grpc_timeout("1500m"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "S", "12", "123456789S", "1x", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }
 }

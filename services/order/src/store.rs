@@ -5,12 +5,28 @@
 //! appended row in `order_events`, in one transaction. The event log is the
 //! change feed every replica tails, and the CAS makes two replicas racing on
 //! one order harmless: exactly one of them moves it.
+//!
+//! Rules every backend must keep (the saga and paging depend on them):
+//! - `order_events.seq` grows in commit order: a transaction that commits
+//!   later gets a larger seq. SQLite gives this for free (one writer at a
+//!   time, AUTOINCREMENT); PostgreSQL needs the sequence taken under a lock
+//!   held to commit (e.g. `pg_advisory_xact_lock`), since a plain sequence is
+//!   allocated at insert time, not at commit. The feed (`events_after`) and
+//!   the ListOrders cursor (`orders.seq`, the seq of the order's creation
+//!   event) both walk by it and would skip rows otherwise.
+//! - Owed background work is a column, written in the same transaction as the
+//!   status change that creates it: `retry_at_ms` on a PENDING order (settle
+//!   its charge) or on a CANCELLED order with `refund_pending` (compensate its
+//!   charge). Work is claimed by pushing `retry_at_ms` forward, so replicas
+//!   sharing the database do not work on one order at once, and a claimer that
+//!   dies leaves the order due again when the lease runs out.
 
 use minimesh_runtime::db::{Db, DbError};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 use std::path::Path;
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE orders (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE orders (
         id              TEXT PRIMARY KEY,
         user_id         TEXT NOT NULL,
         total_cents     BIGINT NOT NULL,
@@ -42,7 +58,22 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE orders (
         status_reason TEXT NOT NULL,
         at_ms         BIGINT NOT NULL
     );
-    CREATE INDEX order_events_by_order ON order_events (order_id, seq);"];
+    CREATE INDEX order_events_by_order ON order_events (order_id, seq);",
+    // Saga and paging (issue 14): the commit-ordered page cursor, and the
+    // retry schedule of owed background work. Orders cancelled while PENDING
+    // before this version may have a charge that landed later and was never
+    // refunded: they are marked as owing compensation, which checks and
+    // refunds it.
+    "ALTER TABLE orders ADD COLUMN seq BIGINT;
+    UPDATE orders SET seq = (SELECT MIN(e.seq) FROM order_events e WHERE e.order_id = orders.id);
+    CREATE UNIQUE INDEX orders_by_seq ON orders (seq);
+    CREATE INDEX orders_by_user_seq ON orders (user_id, seq);
+    ALTER TABLE orders ADD COLUMN retry_at_ms BIGINT;
+    ALTER TABLE orders ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    UPDATE orders SET refund_pending = 1 WHERE status = 5 AND payment_id = '';
+    UPDATE orders SET retry_at_ms = updated_at_ms WHERE status = 1 OR refund_pending = 1;
+    CREATE INDEX orders_retry ON orders (retry_at_ms);",
+];
 
 /// Stored status values; equal to the proto enum numbers.
 pub mod status {
@@ -99,6 +130,8 @@ pub struct OrderRecord {
     pub payment_id: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Position in commit order (the seq of the order's creation event).
+    pub seq: i64,
 }
 
 /// One row of the change feed.
@@ -121,6 +154,8 @@ pub struct NewOrder {
     pub idempotency_key: Option<String>,
     /// Fingerprint of the request, to tell a retry from a reused key.
     pub request_hash: String,
+    /// The fingerprint older versions stored, accepted for their orders only.
+    pub legacy_hash: Option<String>,
 }
 
 #[derive(Debug)]
@@ -139,6 +174,57 @@ pub struct Transition {
     pub payment_id: Option<String>,
     pub next_step_at_ms: Option<i64>,
     pub refund_pending: bool,
+    /// When background work on the order is next due (None: nothing owed).
+    pub retry_at_ms: Option<i64>,
+}
+
+/// Background work an order can owe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A PENDING order whose charge outcome is unknown: charge it (same key) and record the result.
+    Settle,
+    /// A CANCELLED order whose charge may exist: find it (same key) and refund it.
+    Compensate,
+}
+
+/// An order claimed for background work, and how many times it was tried before.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub order: OrderRecord,
+    pub attempts: u32,
+}
+
+/// When a claimed order becomes due again if the claimer does not finish:
+/// the lease (longer than one attempt) plus a back-off that doubles per attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub lease_ms: i64,
+    pub backoff_ms: i64,
+    pub max_backoff_ms: i64,
+}
+
+impl Schedule {
+    /// Due time of a claim: past the lease, so only a dead claimer's order comes back early.
+    pub fn next_due(&self, now_ms: i64, attempts: u32) -> i64 {
+        now_ms + self.lease_ms + self.backoff_ms(attempts)
+    }
+
+    pub fn backoff_ms(&self, attempts: u32) -> i64 {
+        self.backoff_ms
+            .saturating_mul(1i64 << attempts.min(20))
+            .min(self.max_backoff_ms)
+    }
+}
+
+/// What the reconciliation check needs of one order.
+#[derive(Debug, Clone)]
+pub struct OrderFacts {
+    pub id: String,
+    pub status: i32,
+    pub payment_id: String,
+    pub total_cents: i64,
+    pub refund_pending: bool,
+    pub updated_at_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +246,7 @@ pub struct OrderStore {
     db: Db,
 }
 
-const ORDER_COLUMNS: &str = "id, user_id, total_cents, currency, status, status_reason, payment_id, created_at_ms, updated_at_ms";
+const ORDER_COLUMNS: &str = "id, user_id, total_cents, currency, status, status_reason, payment_id, created_at_ms, updated_at_ms, seq";
 const EVENT_COLUMNS: &str = "seq, order_id, status, status_reason, at_ms";
 
 fn order_from_row(row: &Row<'_>) -> rusqlite::Result<OrderRecord> {
@@ -175,6 +261,7 @@ fn order_from_row(row: &Row<'_>) -> rusqlite::Result<OrderRecord> {
         payment_id: row.get(6)?,
         created_at_ms: row.get(7)?,
         updated_at_ms: row.get(8)?,
+        seq: row.get::<_, Option<i64>>(9)?.unwrap_or_default(),
     })
 }
 
@@ -231,19 +318,19 @@ fn append_event(
     status: i32,
     reason: &str,
     at_ms: i64,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<i64> {
     tx.execute(
         "INSERT INTO order_events (order_id, status, status_reason, at_ms) VALUES (?1, ?2, ?3, ?4)",
         params![order_id, status, reason, at_ms],
     )?;
-    Ok(())
+    Ok(tx.last_insert_rowid())
 }
 
 fn apply(tx: &Transaction<'_>, id: &str, t: &Transition, now: i64) -> rusqlite::Result<bool> {
     let changed = tx.execute(
         "UPDATE orders SET status = ?1, status_reason = ?2,
             payment_id = COALESCE(?3, payment_id), next_step_at_ms = ?4,
-            refund_pending = ?5, updated_at_ms = ?6
+            refund_pending = ?5, updated_at_ms = ?6, retry_at_ms = ?9, attempts = 0
          WHERE id = ?7 AND status = ?8",
         params![
             t.to,
@@ -253,7 +340,8 @@ fn apply(tx: &Transaction<'_>, id: &str, t: &Transition, now: i64) -> rusqlite::
             t.refund_pending as i32,
             now,
             id,
-            t.from
+            t.from,
+            t.retry_at_ms
         ],
     )?;
     if changed == 1 {
@@ -269,6 +357,14 @@ impl OrderStore {
         })
     }
 
+    /// Opens a database read-only, without migrating it (reconciliation
+    /// reads only columns every schema version has).
+    pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
+        Ok(Self {
+            db: Db::open_read_only(path)?,
+        })
+    }
+
     pub fn in_memory() -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open_in_memory(MIGRATIONS)?,
@@ -277,7 +373,23 @@ impl OrderStore {
 
     /// Stores a new PENDING order, or returns the one an earlier request with
     /// the same idempotency key created (checked and inserted atomically).
-    pub async fn create_pending(&self, order: NewOrder) -> Result<Created, StoreError> {
+    /// Its settlement is owed from `settle_at_ms` on: the caller charges it
+    /// before then, and background settlement takes over if it does not.
+    pub async fn create_pending(
+        &self,
+        order: NewOrder,
+        settle_at_ms: i64,
+    ) -> Result<Created, StoreError> {
+        self.create_with_id(order, settle_at_ms, minimesh_runtime::new_id("ord"))
+            .await
+    }
+
+    async fn create_with_id(
+        &self,
+        order: NewOrder,
+        settle_at_ms: i64,
+        id: String,
+    ) -> Result<Created, StoreError> {
         self.db
             .write(move |tx| {
                 if let Some(key) = &order.idempotency_key
@@ -288,15 +400,20 @@ impl OrderStore {
                         params![existing.id],
                         |r| r.get(0),
                     )?;
-                    return if hash == order.request_hash {
+                    // Orders stored before fingerprints were versioned carry the legacy one.
+                    let same = hash == order.request_hash
+                        || order.legacy_hash.as_deref() == Some(hash.as_str());
+                    return if same {
                         Ok(Created::Existing(existing))
                     } else {
                         Err(StoreError::KeyReused(key.clone()))
                     };
                 }
                 let now = minimesh_runtime::now_millis();
+                // The creation event's seq is the order's place in commit order.
+                let seq = append_event(tx, &id, status::PENDING, "", now)?;
                 let record = OrderRecord {
-                    id: minimesh_runtime::new_id("ord"),
+                    id,
                     user_id: order.user_id,
                     items: order.items,
                     total_cents: order.total_cents,
@@ -306,11 +423,12 @@ impl OrderStore {
                     payment_id: String::new(),
                     created_at_ms: now,
                     updated_at_ms: now,
+                    seq,
                 };
                 tx.execute(
                     "INSERT INTO orders (id, user_id, total_cents, currency, status, status_reason, payment_id,
-                        idempotency_key, request_hash, created_at_ms, updated_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, '', '', ?6, ?7, ?8, ?8)",
+                        idempotency_key, request_hash, created_at_ms, updated_at_ms, seq, retry_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, '', '', ?6, ?7, ?8, ?8, ?9, ?10)",
                     params![
                         record.id,
                         record.user_id,
@@ -319,7 +437,9 @@ impl OrderStore {
                         record.status,
                         order.idempotency_key,
                         order.request_hash,
-                        now
+                        now,
+                        seq,
+                        settle_at_ms
                     ],
                 )?;
                 for (position, item) in record.items.iter().enumerate() {
@@ -329,7 +449,6 @@ impl OrderStore {
                         params![record.id, position as i64, item.sku, item.quantity, item.unit_price_cents],
                     )?;
                 }
-                append_event(tx, &record.id, status::PENDING, "", now)?;
                 Ok(Created::New(record))
             })
             .await
@@ -358,25 +477,36 @@ impl OrderStore {
             .await?)
     }
 
-    /// Orders with id greater than `after` (optionally of one user), in creation order.
+    /// Orders after cursor position `after` (optionally of one user), in
+    /// commit order. Any order committed after a page was read has a larger
+    /// seq than every order on it, so following the cursor never skips one.
     pub async fn list(
         &self,
         user_id: Option<String>,
-        after: Option<String>,
+        after: Cursor,
         limit: u32,
     ) -> Result<Vec<OrderRecord>, StoreError> {
         Ok(self
             .db
             .read(move |conn| {
+                let after_seq = match after {
+                    Cursor::Start => 0,
+                    Cursor::Seq(seq) => seq,
+                    // A token from a version that paged by id: resume after that order.
+                    Cursor::LegacyId(id) => conn
+                        .query_row("SELECT seq FROM orders WHERE id = ?1", params![id], |r| {
+                            r.get::<_, Option<i64>>(0)
+                        })
+                        .optional()?
+                        .flatten()
+                        .unwrap_or(0),
+                };
                 let mut stmt = conn.prepare_cached(&format!(
                     "SELECT {ORDER_COLUMNS} FROM orders
-                     WHERE id > ?1 AND (?2 IS NULL OR user_id = ?2) ORDER BY id LIMIT ?3"
+                     WHERE seq > ?1 AND (?2 IS NULL OR user_id = ?2) ORDER BY seq LIMIT ?3"
                 ))?;
                 let mut orders = stmt
-                    .query_map(
-                        params![after.unwrap_or_default(), user_id, limit],
-                        order_from_row,
-                    )?
+                    .query_map(params![after_seq, user_id, limit], order_from_row)?
                     .collect::<Result<Vec<_>, _>>()?;
                 for order in &mut orders {
                     load_items(conn, order)?;
@@ -494,6 +624,7 @@ impl OrderStore {
                         payment_id: None,
                         next_step_at_ms: next,
                         refund_pending: false,
+                        retry_at_ms: None,
                     };
                     if apply(tx, &id, &t, now_ms)? {
                         moved.push(to);
@@ -504,27 +635,107 @@ impl OrderStore {
             .await
     }
 
-    /// Cancelled orders whose refund has not gone through yet: (order id, payment id).
-    pub async fn pending_refunds(&self, limit: u32) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(self
+    /// Claims up to `limit` orders owing `work` that are due at `now_ms`:
+    /// each one's `retry_at_ms` moves on per `schedule` and its attempt count
+    /// grows, in one transaction, so no other replica claims it meanwhile.
+    pub async fn claim_due(
+        &self,
+        work: Work,
+        now_ms: i64,
+        schedule: Schedule,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let filter = match work {
+            Work::Settle => "status = 1",
+            Work::Compensate => "status = 5 AND refund_pending = 1",
+        };
+        let query = format!(
+            "SELECT id, attempts FROM orders WHERE retry_at_ms IS NOT NULL AND retry_at_ms <= ?1
+               AND {filter} ORDER BY retry_at_ms LIMIT ?2"
+        );
+        let probe = query.clone();
+        // Most passes find nothing: look before taking the write lock.
+        let any = self
             .db
             .read(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT id, payment_id FROM orders WHERE refund_pending = 1 ORDER BY id LIMIT ?1",
-                )?;
-                let rows = stmt
-                    .query_map(params![limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
+                Ok(conn
+                    .query_row(&probe, params![now_ms, 1], |_| Ok(()))
+                    .optional()?
+                    .is_some())
             })
-            .await?)
+            .await?;
+        if !any {
+            return Ok(Vec::new());
+        }
+        self.db
+            .write(move |tx| {
+                let due: Vec<(String, u32)> = {
+                    let mut stmt = tx.prepare_cached(&query)?;
+                    stmt.query_map(params![now_ms, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?
+                };
+                let mut claimed = Vec::with_capacity(due.len());
+                for (id, attempts) in due {
+                    tx.execute(
+                        "UPDATE orders SET retry_at_ms = ?1, attempts = attempts + 1 WHERE id = ?2",
+                        params![schedule.next_due(now_ms, attempts), id],
+                    )?;
+                    if let Some(order) = select_order(tx, "id", &id)? {
+                        claimed.push(Claimed { order, attempts });
+                    }
+                }
+                Ok(claimed)
+            })
+            .await
     }
 
+    /// Sets when owed `work` on an order is next due, if it is still owed.
+    pub async fn reschedule(&self, id: String, work: Work, at_ms: i64) -> Result<(), StoreError> {
+        let filter = match work {
+            Work::Settle => "status = 1",
+            Work::Compensate => "status = 5 AND refund_pending = 1",
+        };
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    &format!("UPDATE orders SET retry_at_ms = ?1 WHERE id = ?2 AND retry_at_ms IS NOT NULL AND {filter}"),
+                    params![at_ms, id],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Records the payment of a CANCELLED order whose charge outcome was
+    /// unknown. A captured payment stays owed a refund (on its schedule: the
+    /// caller tries the refund next); a declined one settles the debt.
+    /// Returns the order afterwards.
+    pub async fn record_payment(
+        &self,
+        id: String,
+        payment_id: String,
+        captured: bool,
+    ) -> Result<Option<OrderRecord>, StoreError> {
+        self.db
+            .write(move |tx| {
+                let now = minimesh_runtime::now_millis();
+                tx.execute(
+                    "UPDATE orders SET payment_id = ?2, refund_pending = ?3,
+                        retry_at_ms = CASE WHEN ?3 = 1 THEN COALESCE(retry_at_ms, ?4) ELSE NULL END
+                     WHERE id = ?1 AND status = ?5 AND refund_pending = 1 AND payment_id = ''",
+                    params![id, payment_id, captured as i32, now, status::CANCELLED],
+                )?;
+                Ok(select_order(tx, "id", &id)?)
+            })
+            .await
+    }
+
+    /// The refund of a cancelled order went through (or nothing was owed).
     pub async fn refund_done(&self, order_id: String) -> Result<(), StoreError> {
         self.db
             .write(move |tx| {
                 tx.execute(
-                    "UPDATE orders SET refund_pending = 0 WHERE id = ?1",
+                    "UPDATE orders SET refund_pending = 0, retry_at_ms = NULL WHERE id = ?1",
                     params![order_id],
                 )?;
                 Ok(())
@@ -532,28 +743,40 @@ impl OrderStore {
             .await
     }
 
-    /// PENDING orders last touched before `before_ms`, whose charge never settled.
-    pub async fn stale_pending(
-        &self,
-        before_ms: i64,
-        limit: u32,
-    ) -> Result<Vec<OrderRecord>, StoreError> {
+    /// Every order, as the reconciliation check sees it.
+    pub async fn facts(&self) -> Result<Vec<OrderFacts>, StoreError> {
         Ok(self
             .db
-            .read(move |conn| {
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {ORDER_COLUMNS} FROM orders WHERE status = ?1 AND updated_at_ms < ?2 ORDER BY id LIMIT ?3"
-                ))?;
-                let mut orders = stmt
-                    .query_map(params![status::PENDING, before_ms, limit], order_from_row)?
+            .read(|conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT id, status, payment_id, total_cents, refund_pending, updated_at_ms FROM orders",
+                )?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok(OrderFacts {
+                            id: r.get(0)?,
+                            status: r.get(1)?,
+                            payment_id: r.get(2)?,
+                            total_cents: r.get(3)?,
+                            refund_pending: r.get::<_, i64>(4)? != 0,
+                            updated_at_ms: r.get(5)?,
+                        })
+                    })?
                     .collect::<Result<Vec<_>, _>>()?;
-                for order in &mut orders {
-                    load_items(conn, order)?;
-                }
-                Ok(orders)
+                Ok(rows)
             })
             .await?)
     }
+}
+
+/// Where a ListOrders page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    Start,
+    /// After this commit-order position.
+    Seq(i64),
+    /// After this order id (tokens issued before paging followed commit order).
+    LegacyId(String),
 }
 
 #[cfg(test)]
@@ -572,6 +795,7 @@ mod tests {
             currency: "EUR".into(),
             idempotency_key: key.map(str::to_owned),
             request_hash: hash.into(),
+            legacy_hash: None,
         }
     }
 
@@ -583,6 +807,7 @@ mod tests {
             payment_id: Some(payment.into()),
             next_step_at_ms: Some(next),
             refund_pending: false,
+            retry_at_ms: None,
         }
     }
 
@@ -590,14 +815,14 @@ mod tests {
     async fn idempotency_key_returns_existing_or_refuses_other_content() {
         let store = OrderStore::in_memory().unwrap();
         let Created::New(first) = store
-            .create_pending(new_order(Some("k"), "h1"))
+            .create_pending(new_order(Some("k"), "h1"), 0)
             .await
             .unwrap()
         else {
             panic!("first create must be new");
         };
         let Created::Existing(again) = store
-            .create_pending(new_order(Some("k"), "h1"))
+            .create_pending(new_order(Some("k"), "h1"), 0)
             .await
             .unwrap()
         else {
@@ -605,7 +830,7 @@ mod tests {
         };
         assert_eq!(first, again);
         assert!(matches!(
-            store.create_pending(new_order(Some("k"), "h2")).await,
+            store.create_pending(new_order(Some("k"), "h2"), 0).await,
             Err(StoreError::KeyReused(_))
         ));
     }
@@ -613,7 +838,8 @@ mod tests {
     #[tokio::test]
     async fn transitions_are_compare_and_set_and_logged() {
         let store = OrderStore::in_memory().unwrap();
-        let Created::New(order) = store.create_pending(new_order(None, "h")).await.unwrap() else {
+        let Created::New(order) = store.create_pending(new_order(None, "h"), 0).await.unwrap()
+        else {
             panic!("must be new");
         };
         let (after, moved) = store
@@ -672,5 +898,156 @@ mod tests {
             store.latest_event(order.id).await.unwrap().unwrap().status,
             status::DELIVERED
         );
+    }
+
+    async fn page(store: &OrderStore, after: Cursor) -> Vec<OrderRecord> {
+        store.list(None, after, 100).await.unwrap()
+    }
+
+    /// Issue 14, point 5: ids (UUIDv7) from two replicas are ordered only to
+    /// the millisecond, so an order committed later can have a smaller id.
+    /// The cursor follows commit order, so a reader never skips it.
+    #[tokio::test]
+    async fn paging_follows_commit_order_not_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("order.db");
+        // Two handles on one file, as two replicas have.
+        let (one, two) = (
+            OrderStore::open(&path).unwrap(),
+            OrderStore::open(&path).unwrap(),
+        );
+        one.create_with_id(new_order(None, "h"), 0, "ord_b".into())
+            .await
+            .unwrap();
+        let first = page(&one, Cursor::Start).await;
+        assert_eq!(first.len(), 1);
+        let cursor = Cursor::Seq(first[0].seq);
+        // Committed after the page was read, with an id sorting before it.
+        two.create_with_id(new_order(None, "h"), 0, "ord_a".into())
+            .await
+            .unwrap();
+        let next: Vec<String> = page(&one, cursor).await.into_iter().map(|o| o.id).collect();
+        assert_eq!(next, ["ord_a"]);
+        // A token from before this version (an id) resumes after that order.
+        let legacy: Vec<String> = page(&one, Cursor::LegacyId("ord_b".into()))
+            .await
+            .into_iter()
+            .map(|o| o.id)
+            .collect();
+        assert_eq!(legacy, ["ord_a"]);
+    }
+
+    #[tokio::test]
+    async fn owed_work_is_claimed_once_and_comes_back_after_the_lease() {
+        let store = OrderStore::in_memory().unwrap();
+        let Created::New(order) = store
+            .create_pending(new_order(None, "h"), 100)
+            .await
+            .unwrap()
+        else {
+            panic!("new");
+        };
+        let schedule = Schedule {
+            lease_ms: 1_000,
+            backoff_ms: 10,
+            max_backoff_ms: 50,
+        };
+        assert!(
+            store
+                .claim_due(Work::Settle, 99, schedule, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "not due before settle_at"
+        );
+        let claimed = store
+            .claim_due(Work::Settle, 100, schedule, 10)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(
+            (claimed[0].order.id.as_str(), claimed[0].attempts),
+            (order.id.as_str(), 0)
+        );
+        assert!(
+            store
+                .claim_due(Work::Settle, 200, schedule, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "claimed: another replica must not take it"
+        );
+        assert!(
+            store
+                .claim_due(Work::Compensate, 5_000, schedule, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a PENDING order owes no compensation"
+        );
+        let again = store
+            .claim_due(Work::Settle, 100 + 1_000 + 10, schedule, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            again[0].attempts, 1,
+            "the claimer died: due again after the lease"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_charge_landing_on_a_cancelled_order_stays_owed_until_refunded() {
+        let store = OrderStore::in_memory().unwrap();
+        let Created::New(order) = store.create_pending(new_order(None, "h"), 0).await.unwrap()
+        else {
+            panic!("new");
+        };
+        let cancel = Transition {
+            from: status::PENDING,
+            to: status::CANCELLED,
+            reason: "cancelled by the customer".into(),
+            payment_id: None,
+            next_step_at_ms: None,
+            refund_pending: true,
+            retry_at_ms: Some(10),
+        };
+        store.transition(order.id.clone(), cancel).await.unwrap();
+        let schedule = Schedule {
+            lease_ms: 1_000_000,
+            backoff_ms: 10,
+            max_backoff_ms: 50,
+        };
+        // Claimed by compensation; meanwhile the charge lands and is recorded.
+        assert_eq!(
+            store
+                .claim_due(Work::Compensate, 10, schedule, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let recorded = store
+            .record_payment(order.id.clone(), "pay_1".into(), true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(recorded.payment_id, "pay_1");
+        let owed = store
+            .claim_due(Work::Compensate, 10 + 1_000_000 + 10, schedule, 10)
+            .await
+            .unwrap();
+        // The claimer died before refunding: the refund comes due after the lease.
+        assert_eq!(owed.len(), 1, "the refund is still owed");
+        assert_eq!(owed[0].order.payment_id, "pay_1");
+        store.refund_done(order.id.clone()).await.unwrap();
+        assert!(
+            store
+                .claim_due(Work::Compensate, i64::MAX / 2, schedule, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "nothing owed once refunded"
+        );
+        assert!(!store.facts().await.unwrap()[0].refund_pending);
     }
 }

@@ -81,6 +81,8 @@ pub trait PaymentStore: Send + Sync + 'static {
         &self,
         id: String,
     ) -> impl Future<Output = Result<Option<PaymentRecord>, StoreError>> + Send;
+    /// Every payment, for the reconciliation check.
+    fn all(&self) -> impl Future<Output = Result<Vec<PaymentRecord>, StoreError>> + Send;
 }
 
 #[derive(Clone)]
@@ -92,6 +94,13 @@ impl SqlitePaymentStore {
     pub fn open(path: &Path) -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open(path, MIGRATIONS)?,
+        })
+    }
+
+    /// Opens a database read-only, without migrating it (reconciliation).
+    pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
+        Ok(Self {
+            db: Db::open_read_only(path)?,
         })
     }
 
@@ -216,6 +225,19 @@ impl PaymentStore for SqlitePaymentStore {
                         from_row,
                     )
                     .optional()?)
+            })
+            .await?)
+    }
+
+    async fn all(&self) -> Result<Vec<PaymentRecord>, StoreError> {
+        Ok(self
+            .db
+            .read(|conn| {
+                let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM payments"))?;
+                let rows = stmt
+                    .query_map([], from_row)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
             })
             .await?)
     }

@@ -58,6 +58,19 @@ impl Db {
         Self::configure(conn, migrations)
     }
 
+    /// Opens an existing database read-only, as it is: no migrations, no
+    /// file created (for tools that inspect a running service's data).
+    pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
     /// An in-memory database, for tests of a single process.
     pub fn open_in_memory(migrations: &[&str]) -> Result<Self, DbError> {
         Self::configure(Connection::open_in_memory()?, migrations)

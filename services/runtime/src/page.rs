@@ -1,8 +1,10 @@
 //! Opaque page tokens for keyset pagination.
 //!
-//! A token wraps the last id of the previous page; ids are time-ordered, so
-//! `WHERE id > ?` walks the table in creation order without skipping rows
-//! inserted meanwhile.
+//! A token wraps the position of the last row of the previous page. Pages
+//! are complete only if that position follows commit order: UUIDv7 ids do
+//! within one process, but across processes (replicas) only to the
+//! millisecond, so the order service pages by a commit-ordered sequence
+//! (see its store) and puts that in the token instead of the id.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
