@@ -64,10 +64,16 @@ async fn http_get(addr: &str, path: &str, accept: Option<&str>) -> (u16, String,
 /// Every metrics endpoint the mesh serves: gateway and sidecar admins, services.
 fn metrics_endpoints(mesh: &Mesh) -> Vec<(String, String)> {
     let file = mesh.mesh_json();
-    let mut out = vec![(
-        "gateway".to_owned(),
-        file["gateway"]["admin"].as_str().unwrap().to_owned(),
-    )];
+    let mut out = vec![
+        (
+            "gateway".to_owned(),
+            file["gateway"]["admin"].as_str().unwrap().to_owned(),
+        ),
+        (
+            "identity issuer".to_owned(),
+            file["identity"]["metrics"].as_str().unwrap().to_owned(),
+        ),
+    ];
     for i in file["instances"].as_array().unwrap() {
         let name = format!("{}-{}", i["service"].as_str().unwrap(), i["replica"]);
         out.push((

@@ -88,11 +88,16 @@ impl FileConfig {
             path: path.to_owned(),
             source,
         })?;
-        // YAML is a superset of JSON, so one parser reads both.
-        serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message,
         })
+    }
+
+    /// Parses a config file's text (YAML or JSON: YAML is a superset of
+    /// JSON, so one parser reads both).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
     }
 }
 
