@@ -661,11 +661,41 @@ def test_notes_tell_how_to_reach_the_mesh():
         {"mesh": {"traffic": {"maxAttempts": 0}}},
         {"tracing": {"otlpEndpoint": "collector:4317"}},
         {"certManager": {"issuerRef": {"name": "x", "kind": "Secret"}}},
+        {"certificates": {"days": 365}},
+        {"gateway": {"expose": ["inventory"]}},
+        {"gateway": {"expose": ["user", "user"]}},
+        {"identity": {"certTTL": "5s"}},
+        {"identity": {"certTTL": "1d"}},
+        {"identity": {"replicas": 0}},
+        {"identity": {"trustAnchor": {"existingSecret": "mesh-ca", "certPem": "-----BEGIN CERTIFICATE-----"}}},
+        {"identity": {"trustAnchor": {"existingSecret": "Not A Name"}}},
+        {"networkPolicy": {"adminFrom": [{"podSelector": {}, "ports": [{"port": 4191}]}]}},
+        {"networkPolicy": {"gatewayFrom": [{}]}},
+        {"networkPolicy": {"apiServerPorts": []}},
     ],
 )
 def test_schema_refuses_bad_values(bad):
     with pytest.raises(helm_python.HelmError):
         install(bad)
+
+
+TEST_CA = yaml.safe_load((CHART / "ci" / "trust-anchor-values.yaml").read_text())["identity"]["trustAnchor"]
+
+
+@pytest.mark.parametrize(
+    "anchor, message",
+    [
+        ({"certPem": TEST_CA["certPem"]}, "give both certPem and keyPem"),
+        ({"keyPem": TEST_CA["keyPem"]}, "give both certPem and keyPem"),
+        ({"certPem": TEST_CA["certPem"], "keyPem": "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n"}, "PKCS#8"),
+        ({"certPem": "not a certificate", "keyPem": TEST_CA["keyPem"]}, "PEM certificate"),
+    ],
+)
+def test_a_trust_anchor_the_issuer_could_not_read_fails_the_render(anchor, message):
+    """The issuer reads PKCS#8 keys only: say so at `helm install`, not in a crash-looping pod."""
+    with pytest.raises(helm_python.HelmError) as err:
+        install({"identity": {"trustAnchor": anchor}})
+    assert message in str(err.value)
 
 
 def leaf_paths(tree, prefix=()):
