@@ -159,23 +159,35 @@ def test_sidecar_configs_match_the_services_and_policy(rendering):
 
 
 def test_the_proxy_accepts_every_rendered_config(rendering):
-    """The real binary parses each ConfigMap the chart renders (`--check-config`)."""
+    """The real binary parses each proxy's rendered configuration (`--check-config`): its ConfigMap
+    and its container's whole environment (identity, expose, listeners), nothing added."""
     binary = os.environ.get("MINIMESH_BIN", str(ROOT / "target" / "debug" / "minimesh"))
     if not pathlib.Path(binary).exists():
         pytest.fail(f"{binary} not built; tests/helm/run.sh builds it")
     name, _, objects, _ = rendering
-    for cm, key, config in sidecar_configs(objects):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(cm["data"][key])
-        command = "sidecar" if key == "sidecar.yaml" else "gateway"
-        result = subprocess.run(
-            [binary, command, "--check-config", "--config", f.name, "--ca", "unused", "--cert", "unused", "--key", "unused"],
-            capture_output=True, text=True, timeout=30,
-        )
-        os.unlink(f.name)
-        assert result.returncode == 0, f"{name} {cm['metadata']['name']}: {result.stderr}"
+    configs = {(cm["metadata"]["name"], key): config for cm, key, config in sidecar_configs(objects)}
+    checked = set()
+    for identity, spec, proxy in proxies(objects):
+        env = {"PATH": os.environ.get("PATH", "")}
+        for item in proxy["env"]:
+            # The downward API's answer for metadata.namespace.
+            env[item["name"]] = item["value"] if "value" in item else NAMESPACE
+        config_dir, key = env["MINIMESH_CONFIG"].rsplit("/", 1)
+        [mount] = [m for m in proxy["volumeMounts"] if m["mountPath"] == config_dir]
+        [volume] = [vol for vol in spec["volumes"] if vol["name"] == mount["name"]]
+        text = next(cm for cm in by_kind(objects, "ConfigMap") if cm["metadata"]["name"] == volume["configMap"]["name"])["data"][key]
+        with tempfile.TemporaryDirectory() as tmp:
+            env["MINIMESH_CONFIG"] = f"{tmp}/{key}"
+            pathlib.Path(env["MINIMESH_CONFIG"]).write_text(text)
+            result = subprocess.run([binary, *proxy["args"], "--check-config"], env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"{name} {identity}: {result.stderr}"
         resolved = json.loads(result.stdout)
+        config = configs[(volume["configMap"]["name"], key)]
         assert sorted(resolved["upstreams"]) == sorted(config["upstreams"])
+        assert resolved["namespace"] == NAMESPACE
+        assert resolved["service"] == (None if identity == "gateway" else identity)
+        checked.add(identity)
+    assert checked == set(SERVICES + ["gateway"])
 
 
 def declared_ports(container):

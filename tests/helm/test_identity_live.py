@@ -265,6 +265,26 @@ def uri_sans(der):
     return re.findall(r"URI:(\S+?)(?:,|$|\s)", out)
 
 
+def grpc_status(addr, path):
+    """The grpc-status of a gRPC call, over h2c (curl speaks HTTP/2). No request body: the answer
+    at the edge depends on the path alone, and curl 7.88 fails a stream whose response ends
+    before its request body is sent (the server's RST_STREAM NO_ERROR)."""
+    result = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-D", "-", "--http2-prior-knowledge", "--max-time", "20",
+         "-X", "POST", "-H", "content-type: application/grpc", "-H", "te: trailers", "-H", "grpc-timeout: 3S",
+         f"http://{addr}{path}"],
+        capture_output=True, timeout=30,
+    )
+    found = re.findall(r"^grpc-status: *(\d+)", result.stdout.decode(), re.M | re.I)
+    assert found, f"no grpc-status from {path} (curl exit {result.returncode}): {result.stdout!r} {result.stderr!r}"
+    return int(found[-1])
+
+
+METHODS = {"user": "/shop.user.v1.UserService/GetUser", "order": "/shop.order.v1.OrderService/GetOrder",
+           "payment": "/shop.payment.v1.PaymentService/GetPayment"}
+PERMISSION_DENIED = 7
+
+
 def ttl_seconds(text):
     return int(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]]
 
@@ -317,6 +337,11 @@ def test_every_proxy_gets_its_certificate_from_the_issuer_the_chart_deploys(name
             for identity in chart.SERVICES:
                 der = peer_certificate(int(proxies[identity]["MINIMESH_INBOUND"].rsplit(":", 1)[1]), ca_pem)
                 assert uri_sans(der) == [f"spiffe://{v['mesh']['trustDomain']}/ns/{chart.NAMESPACE}/sa/{identity}"], name
+            # The edge: services not in gateway.expose are refused by the gateway itself.
+            for service, method in METHODS.items():
+                status = grpc_status(proxies["gateway"]["MINIMESH_LISTEN"], method)
+                exposed = service in v["gateway"]["expose"]
+                assert (status == PERMISSION_DENIED) != exposed, f"{name}: {service} through the gateway: status {status}"
             reviewed = {r["spec"]["token"].split(":")[2] for r in api.reviews}
             assert reviewed == set(chart.SERVICES + ["gateway"]), f"{name}: TokenReviews for {reviewed}"
             assert all(r["path_ok"] and r["authorised"] for r in api.reviews), "the issuer calls TokenReview with its own token"
