@@ -662,6 +662,12 @@ def test_notes_tell_how_to_reach_the_mesh():
     assert "port-forward svc/shop-minimesh-gateway 50051:50051" in notes
     assert "grpcurl -plaintext 127.0.0.1:50051 list" in notes
     assert "16686:16686" in notes
+    assert "The gateway serves user, order;" in notes
+    assert "the issuer shop-minimesh-identity signs workload certificates valid 24h" in notes
+    notes = render_all({"gateway": {"expose": ["order"]}, "certManager": {"enabled": True}, "identity": {"certTTL": "48h"}})["minimesh/templates/NOTES.txt"]
+    assert "The gateway serves order;" in notes
+    assert "cert-manager Certificates (issuer Issuer/minimesh-ca), valid 48h" in notes
+    assert "shop-minimesh-identity" not in notes
 
 
 @pytest.mark.parametrize(
