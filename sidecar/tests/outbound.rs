@@ -135,6 +135,7 @@ async fn start_pair(
             check_config: false,
             identity: identity(dir.path(), "payment"),
             traffic: TrafficArgs::default(),
+            limits: Default::default(),
         },
         &mut stops,
     );
@@ -151,6 +152,7 @@ async fn start_pair(
             check_config: false,
             identity: identity(dir.path(), "order"),
             traffic: traffic(&[payment_inbound]),
+            limits: Default::default(),
         },
         &mut stops,
     );
