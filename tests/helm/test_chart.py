@@ -5,6 +5,7 @@ values and every ci/*-values.yaml file, and checks what a user's cluster
 would receive.
 """
 
+import base64
 import json
 import os
 import pathlib
@@ -25,6 +26,19 @@ SERVICES = ["user", "order", "payment"]
 CERT_MANAGER_KINDS = {"Certificate"}
 CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 MATRIX = [("default", {})] + [(f.name, yaml.safe_load(f.read_text())) for f in CI_FILES]
+
+
+def fullname(values):
+    """The chart's resource name prefix for these values (as its minimesh.fullname helper)."""
+    if values.get("fullnameOverride"):
+        return values["fullnameOverride"]
+    name = values.get("nameOverride") or "minimesh"
+    return RELEASE if name in RELEASE else f"{RELEASE}-{name}"
+
+
+def effective(values):
+    """The values a rendering sees: the chart's defaults merged with the given ones."""
+    return helm_python.Chart.load(str(CHART)).merge_values(values)
 
 
 def install(values):
@@ -120,7 +134,7 @@ def sidecar_configs(objects):
 def test_sidecar_configs_match_the_services_and_policy(rendering):
     name, values, objects, _ = rendering
     services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}
-    policy = values.get("mesh", {}).get("policy", {"user": ["order", "gateway"], "order": ["gateway"], "payment": ["order", "gateway"]})
+    policy = values.get("mesh", {}).get("policy", {"user": ["order", "gateway"], "order": ["gateway"], "payment": ["order"]})
     trust_domain = values.get("mesh", {}).get("trustDomain", "minimesh.local")
     seen = set()
     for cm, key, config in sidecar_configs(objects):
@@ -145,23 +159,35 @@ def test_sidecar_configs_match_the_services_and_policy(rendering):
 
 
 def test_the_proxy_accepts_every_rendered_config(rendering):
-    """The real binary parses each ConfigMap the chart renders (`--check-config`)."""
+    """The real binary parses each proxy's rendered configuration (`--check-config`): its ConfigMap
+    and its container's whole environment (identity, expose, listeners), nothing added."""
     binary = os.environ.get("MINIMESH_BIN", str(ROOT / "target" / "debug" / "minimesh"))
     if not pathlib.Path(binary).exists():
         pytest.fail(f"{binary} not built; tests/helm/run.sh builds it")
     name, _, objects, _ = rendering
-    for cm, key, config in sidecar_configs(objects):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(cm["data"][key])
-        command = "sidecar" if key == "sidecar.yaml" else "gateway"
-        result = subprocess.run(
-            [binary, command, "--check-config", "--config", f.name, "--ca", "unused", "--cert", "unused", "--key", "unused"],
-            capture_output=True, text=True, timeout=30,
-        )
-        os.unlink(f.name)
-        assert result.returncode == 0, f"{name} {cm['metadata']['name']}: {result.stderr}"
+    configs = {(cm["metadata"]["name"], key): config for cm, key, config in sidecar_configs(objects)}
+    checked = set()
+    for identity, spec, proxy in proxies(objects):
+        env = {"PATH": os.environ.get("PATH", "")}
+        for item in proxy["env"]:
+            # The downward API's answer for metadata.namespace.
+            env[item["name"]] = item["value"] if "value" in item else NAMESPACE
+        config_dir, key = env["MINIMESH_CONFIG"].rsplit("/", 1)
+        [mount] = [m for m in proxy["volumeMounts"] if m["mountPath"] == config_dir]
+        [volume] = [vol for vol in spec["volumes"] if vol["name"] == mount["name"]]
+        text = next(cm for cm in by_kind(objects, "ConfigMap") if cm["metadata"]["name"] == volume["configMap"]["name"])["data"][key]
+        with tempfile.TemporaryDirectory() as tmp:
+            env["MINIMESH_CONFIG"] = f"{tmp}/{key}"
+            pathlib.Path(env["MINIMESH_CONFIG"]).write_text(text)
+            result = subprocess.run([binary, *proxy["args"], "--check-config"], env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"{name} {identity}: {result.stderr}"
         resolved = json.loads(result.stdout)
+        config = configs[(volume["configMap"]["name"], key)]
         assert sorted(resolved["upstreams"]) == sorted(config["upstreams"])
+        assert resolved["namespace"] == NAMESPACE
+        assert resolved["service"] == (None if identity == "gateway" else identity)
+        checked.add(identity)
+    assert checked == set(SERVICES + ["gateway"])
 
 
 def declared_ports(container):
@@ -182,14 +208,67 @@ def test_every_probe_points_at_a_port_the_container_opens(rendering):
                 assert action["port"] in declared_ports(container), (
                     f"{name}: {obj['metadata']['name']}/{container['name']} {probe_kind} port {action['port']} is not opened"
                 )
-    # The admin endpoints are real: sidecars probe /live and /ready.
+
+
+def test_probes_go_to_the_sidecar_admin_port(rendering):
+    """Kubelet never dials a service's own port (it is on loopback): the sidecar answers for it."""
+    name, _, objects, _ = rendering
     for sts in by_kind(objects, "StatefulSet"):
         spec = sts["spec"]["template"]["spec"]
+        where = f"{name}: {sts['metadata']['name']}"
         sidecar = next(c for c in all_containers(spec) if c["name"] == "sidecar")
-        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/ready"
-        assert sidecar["livenessProbe"]["httpGet"]["path"] == "/live"
+        admin = next(p["containerPort"] for p in sidecar["ports"] if p["name"] == "admin")
+        assert env_of(sidecar)["MINIMESH_ADMIN"] == f"0.0.0.0:{admin}", where
+        expected = {"startupProbe": "/live", "livenessProbe": "/live", "readinessProbe": "/ready"}
+        for kind, path in expected.items():
+            probe = sidecar.get(kind)
+            assert probe, f"{where}: the sidecar has no {kind}"
+            assert probe["httpGet"] == {"path": path, "port": "admin"}, f"{where} {kind}"
+        # The first certificate may take the proxy up to 60 s: the startup probe waits longer.
+        startup = sidecar["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] > 60, where
         service = spec["containers"][0]
-        assert service["readinessProbe"]["grpc"]["port"] == 8080
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert kind not in service, f"{where}: the service container has a {kind}"
+        for container in all_containers(spec):
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                action = container.get(kind, {})
+                port = (action.get("grpc") or action.get("httpGet") or action.get("tcpSocket") or {}).get("port")
+                assert port not in (8080, 9090, "grpc", "metrics"), f"{where}: {container['name']} {kind} dials the service"
+    gateway = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway")
+    proxy = gateway["spec"]["template"]["spec"]["containers"][0]
+    assert proxy["startupProbe"]["httpGet"] == {"path": "/live", "port": "admin"}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}
+
+
+def env_of(container):
+    """A container's plain environment: {name: value} (valueFrom entries map to their source)."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_services_listen_on_loopback_only(rendering):
+    """Inside each service pod the service's gRPC and metrics ports are bound to 127.0.0.1, no
+    container or Service publishes them, and the sidecar forwards to exactly that address."""
+    name, _, objects, _ = rendering
+    for sts in by_kind(objects, "StatefulSet"):
+        spec = sts["spec"]["template"]["spec"]
+        where = f"{name}: {sts['metadata']['name']}"
+        service = env_of(spec["containers"][0])
+        assert service["MINIMESH_LISTEN"] == "127.0.0.1:8080", where
+        assert service["MINIMESH_METRICS_LISTEN"] == "127.0.0.1:9090", where
+        sidecar = next(c for c in all_containers(spec) if c["name"] == "sidecar")
+        assert env_of(sidecar)["MINIMESH_APP"] == service["MINIMESH_LISTEN"], where
+        assert env_of(sidecar)["MINIMESH_OUTBOUND"].startswith("127.0.0.1:"), where
+        for container in all_containers(spec):
+            opened = {p["containerPort"] for p in container.get("ports", [])}
+            assert not opened & {8080, 9090}, f"{where}: {container['name']} publishes a loopback port"
+        if sts["metadata"]["labels"]["app.kubernetes.io/component"] == "order":
+            # The order service reaches its peers through its sidecar only.
+            assert service["MINIMESH_USER_ADDR"] == service["MINIMESH_PAYMENT_ADDR"] == "http://127.0.0.1:4140"
+    for svc in by_kind(objects, "Service"):
+        if svc["metadata"]["labels"]["app.kubernetes.io/component"] in SERVICES:
+            targets = {p["targetPort"] for p in svc["spec"]["ports"]}
+            assert targets <= {"mesh", "admin"}, f"{name}: {svc['metadata']['name']} targets {targets}"
 
 
 def test_every_container_is_hardened(rendering):
@@ -208,38 +287,245 @@ def test_every_container_is_hardened(rendering):
                 assert "resources" in container, where
 
 
-def test_identities_and_certificates(rendering):
-    name, values, objects, hooks = rendering
-    accounts = {sa["metadata"]["name"] for sa in by_kind(objects, "ServiceAccount")}
-    assert set(SERVICES + ["gateway"]) <= accounts
-    secrets_mounted = set()
+def issuer_deployment(objects):
+    found = [d for d in by_kind(objects, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "identity"]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def proxies(objects):
+    """(identity name, pod spec, proxy container) of every sidecar and gateway."""
     for obj, spec in pod_specs(objects):
-        for volume in spec.get("volumes", []):
-            if volume["name"] == "identity":
-                secrets_mounted.add(volume["secret"]["secretName"])
-    cert_manager = values.get("certManager", {}).get("enabled", False)
-    if cert_manager:
-        certs = by_kind(objects, "Certificate")
-        assert {c["spec"]["secretName"] for c in certs} == secrets_mounted
-        trust_domain = values.get("mesh", {}).get("trustDomain", "minimesh.local")
-        for cert in certs:
-            identity = cert["metadata"]["labels"]["app.kubernetes.io/component"]
-            assert cert["spec"]["uris"] == [f"spiffe://{trust_domain}/ns/{NAMESPACE}/sa/{identity}"]
-            assert set(cert["spec"]["usages"]) >= {"server auth", "client auth"}
-        assert not [h for h in hooks if h["kind"] == "Job"], "no certificate Job with cert-manager"
+        component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component in SERVICES:
+            yield component, spec, next(c for c in all_containers(spec) if c["name"] == "sidecar")
+        elif component == "gateway":
+            yield component, spec, spec["containers"][0]
+
+
+def uses_cert_manager(values):
+    return values.get("certManager", {}).get("enabled", False)
+
+
+def test_no_job_no_kubectl_no_per_identity_secret(rendering):
+    """Nothing runs at install but the workloads: no hook Job, no kubectl image, no Role reading
+    Secrets, and the only Secret the chart writes is the trust anchor's."""
+    name, values, objects, hooks = rendering
+    assert not [o for o in objects + hooks if o["kind"] in ("Job", "CronJob", "Role", "RoleBinding")], name
+    assert [h["metadata"]["annotations"]["helm.sh/hook"] for h in hooks] == ["test"], f"{name}: hooks other than the helm test"
+    for obj, spec in pod_specs(objects + hooks):
+        for container in all_containers(spec):
+            assert "kubectl" not in container["image"], f"{name}: {obj['metadata']['name']} runs {container['image']}"
+    secrets = [s["metadata"]["name"] for s in by_kind(objects, "Secret")]
+    ta = effective(values)["identity"]["trustAnchor"]
+    owned = not uses_cert_manager(values) and not ta["existingSecret"]
+    assert secrets == ([f"{fullname(values)}-trust-anchor"] if owned else []), f"{name}: {secrets}"
+    for role in by_kind(objects, "ClusterRole"):
+        for rule in role["rules"]:
+            assert "secrets" not in rule["resources"], f"{name}: {role['metadata']['name']} reaches Secrets"
+
+
+def test_issuer_deployment(rendering):
+    """`minimesh identity` runs as its own Deployment with its own ServiceAccount, the trust anchor
+    mounted, the configured TTL and trust domain, TLS on the Service port, probes on /live."""
+    name, values, objects, _ = rendering
+    deployment = issuer_deployment(objects)
+    if uses_cert_manager(values):
+        assert deployment is None, f"{name}: no issuer with cert-manager"
+        return
+    v = effective(values)
+    assert deployment, f"{name}: no issuer Deployment"
+    assert deployment["spec"]["replicas"] == v["identity"]["replicas"]
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == f"{fullname(values)}-identity"
+    assert spec["serviceAccountName"] not in SERVICES + ["gateway"], "not a mesh identity"
+    assert spec["automountServiceAccountToken"] is True, "TokenReview needs the issuer's own token"
+    [container] = spec["containers"]
+    assert container["args"] == ["identity"]
+    env = env_of(container)
+    assert env["MINIMESH_CERT_TTL"] == v["identity"]["certTTL"]
+    assert env["MINIMESH_TRUST_DOMAIN"] == v["mesh"]["trustDomain"]
+    assert env["MINIMESH_TOKEN_AUDIENCE"] == "minimesh-identity"
+    assert "MINIMESH_BOOTSTRAP_KEY" not in env, "Kubernetes authenticates by ServiceAccount tokens"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {vol["name"]: vol for vol in spec["volumes"]}
+    anchor = mounts["trust-anchor"]
+    assert anchor["readOnly"] is True
+    assert env["MINIMESH_CA_CERT"] == anchor["mountPath"] + "/tls.crt"
+    assert env["MINIMESH_CA_KEY"] == anchor["mountPath"] + "/tls.key"
+    secret = v["identity"]["trustAnchor"]["existingSecret"] or f"{fullname(values)}-trust-anchor"
+    assert volumes["trust-anchor"]["secret"]["secretName"] == secret
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert env["MINIMESH_LISTEN"] == f"0.0.0.0:{ports['identity']}"
+    assert env["MINIMESH_METRICS_LISTEN"] == f"0.0.0.0:{ports['metrics']}"
+    for kind in ("readinessProbe", "livenessProbe"):
+        assert container[kind]["httpGet"] == {"path": "/live", "port": "metrics"}, kind
+    service = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"] == f"{fullname(values)}-identity")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    tls = next(p for p in service["spec"]["ports"] if p["port"] == 8443)
+    assert tls["targetPort"] == "identity"
+
+
+def test_issuer_may_create_token_reviews_and_nothing_else(rendering):
+    name, values, objects, _ = rendering
+    bindings = by_kind(objects, "ClusterRoleBinding")
+    roles = {r["metadata"]["name"]: r for r in by_kind(objects, "ClusterRole")}
+    if uses_cert_manager(values):
+        assert not bindings and not roles, name
+        return
+    [binding] = bindings
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{fullname(values)}-identity", "namespace": NAMESPACE}]
+    role = roles[binding["roleRef"]["name"]]
+    assert binding["roleRef"]["kind"] == "ClusterRole"
+    assert role["rules"] == [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+    assert NAMESPACE in role["metadata"]["name"], "cluster-scoped names carry the namespace: releases must not collide"
+    assert len(roles) == 1
+
+
+def test_issuer_has_a_disruption_budget_when_replicated(rendering):
+    name, values, objects, _ = rendering
+    v = effective(values)
+    budgets = [p for p in by_kind(objects, "PodDisruptionBudget") if p["metadata"]["labels"]["app.kubernetes.io/component"] == "identity"]
+    wanted = not uses_cert_manager(values) and v["identity"]["replicas"] > 1 and v["podDisruptionBudget"]["enabled"]
+    assert len(budgets) == (1 if wanted else 0), name
+    if budgets:
+        deployment = issuer_deployment(objects)
+        assert budgets[0]["spec"]["minAvailable"] == 1
+        assert budgets[0]["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_trust_anchor_comes_from_values_an_existing_secret_or_the_chart(rendering):
+    """Where the trust anchor comes from, and that the release owns what it creates (a plain
+    template, labelled, no hook); proxies get its certificate from a ConfigMap or the Secret's
+    tls.crt item."""
+    name, values, objects, hooks = rendering
+    if uses_cert_manager(values):
+        return
+    ta = effective(values)["identity"]["trustAnchor"]
+    configmaps = {c["metadata"]["name"]: c for c in by_kind(objects, "ConfigMap")}
+    if ta["existingSecret"]:
+        assert not by_kind(objects, "Secret") and f"{fullname(values)}-trust-anchor" not in configmaps
+        return
+    [secret] = by_kind(objects, "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    labels = secret["metadata"]["labels"]
+    assert labels["app.kubernetes.io/instance"] == RELEASE and labels["app.kubernetes.io/managed-by"] == "Helm"
+    assert "helm.sh/hook" not in secret["metadata"].get("annotations", {})
+    cert = base64.b64decode(secret["data"]["tls.crt"]).decode()
+    key = base64.b64decode(secret["data"]["tls.key"]).decode()
+    assert configmaps[f"{fullname(values)}-trust-anchor"]["data"]["ca.crt"].strip() == cert.strip()
+    if ta["certPem"]:
+        assert cert == ta["certPem"] and key == ta["keyPem"]
     else:
-        jobs = [h for h in hooks if h["kind"] == "Job"]
-        assert len(jobs) == 1
-        assert "pre-install" in jobs[0]["metadata"]["annotations"]["helm.sh/hook"]
-        script = jobs[0]["spec"]["template"]["spec"]["containers"][0]["args"][0]
-        for secret in secrets_mounted:
-            identity = secret.removesuffix("-identity").rsplit("-", 1)[1]
-            assert f"--name \"$name\"" in script and identity in script
-        roles = [h for h in hooks if h["kind"] == "Role"]
-        assert roles and roles[0]["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]}]
-        existing = values.get("certificates", {}).get("existingCASecret")
+        # Generated: a CA certificate with a PKCS#8 key the issuer can read.
+        assert cert.startswith("-----BEGIN CERTIFICATE-----")
+        assert key.startswith("-----BEGIN PRIVATE KEY-----")
+    annotations = {
+        obj["metadata"]["name"]: obj["spec"]["template"]["metadata"]["annotations"]["checksum/trust-anchor"]
+        for obj, _ in pod_specs(objects) if obj["kind"] in ("Deployment", "StatefulSet") and obj["metadata"]["labels"]["app.kubernetes.io/component"] != "jaeger"
+    }
+    # One trust anchor per rendering: every pod rolls when it changes.
+    assert len(set(annotations.values())) == 1, annotations
+
+
+def test_only_the_issuer_holds_the_trust_anchor_key(rendering):
+    name, values, objects, hooks = rendering
+    if uses_cert_manager(values):
+        return
+    secret = effective(values)["identity"]["trustAnchor"]["existingSecret"] or f"{fullname(values)}-trust-anchor"
+    for obj, spec in pod_specs(objects + hooks):
+        component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        sources = []
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                sources.append(volume["secret"] | {"name": volume["secret"]["secretName"]})
+            for source in volume.get("projected", {}).get("sources", []):
+                if "secret" in source:
+                    sources.append(source["secret"])
+        for source in sources:
+            if source["name"] != secret:
+                continue
+            keys = {item["key"] for item in source.get("items", [])}
+            if component == "identity":
+                assert keys == {"tls.crt", "tls.key"}
+            else:
+                assert keys == {"tls.crt"}, f"{name}: {obj['metadata']['name']} may read the trust anchor's key"
+        if component != "identity":
+            assert spec.get("automountServiceAccountToken") is False, f"{name}: {obj['metadata']['name']} gets an API token"
+
+
+def test_proxies_get_their_certificates_from_the_issuer(rendering):
+    """Every sidecar and the gateway: the issuer's address and TLS name, a projected token bound
+    to the issuer's audience, the namespace from the downward API, the trust anchor's certificate,
+    no certificate or key files, and a ServiceAccount named as the identity it asks for."""
+    name, values, objects, _ = rendering
+    v = effective(values)
+    found = list(proxies(objects))
+    assert sorted(identity for identity, _, _ in found) == sorted(SERVICES + ["gateway"])
+    issuer = issuer_deployment(objects)
+    for identity, spec, proxy in found:
+        where = f"{name}: {identity}"
+        env = env_of(proxy)
+        assert spec["serviceAccountName"] == identity, where
+        assert spec["automountServiceAccountToken"] is False, where
+        mounts = {m["name"]: m for m in proxy["volumeMounts"]}
+        volumes = {vol["name"]: vol for vol in spec["volumes"]}
+        if uses_cert_manager(values):
+            for var in ("MINIMESH_CA", "MINIMESH_CERT", "MINIMESH_KEY"):
+                assert env[var].startswith(mounts["identity"]["mountPath"] + "/"), where
+            assert volumes["identity"]["secret"]["secretName"] == f"{fullname(values)}-{identity}-identity", where
+            assert "MINIMESH_IDENTITY_ADDR" not in env
+            continue
+        assert "MINIMESH_CERT" not in env and "MINIMESH_KEY" not in env, where
+        issuer_env = env_of(issuer["spec"]["template"]["spec"]["containers"][0])
+        addr = env["MINIMESH_IDENTITY_ADDR"]
+        assert addr == f"https://{fullname(values)}-identity.{NAMESPACE}.svc:8443", where
+        assert env["MINIMESH_IDENTITY_SERVER_NAME"] in issuer_env["MINIMESH_SERVER_NAMES"].split(","), where
+        assert env["MINIMESH_IDENTITY_SERVER_NAME"] == addr.removeprefix("https://").rsplit(":", 1)[0]
+        assert env["MINIMESH_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}, where
+        token_dir, token_file = env["MINIMESH_IDENTITY_TOKEN_FILE"].rsplit("/", 1)
+        [mount] = [m for m in mounts.values() if m["mountPath"] == token_dir]
+        assert mount["readOnly"] is True, where
+        [source] = volumes[mount["name"]]["projected"]["sources"]
+        assert source["serviceAccountToken"] == {
+            "audience": issuer_env["MINIMESH_TOKEN_AUDIENCE"], "expirationSeconds": 3600, "path": token_file,
+        }, where
+        ca_dir, ca_file = env["MINIMESH_CA"].rsplit("/", 1)
+        [mount] = [m for m in mounts.values() if m["mountPath"] == ca_dir]
+        [source] = volumes[mount["name"]]["projected"]["sources"]
+        existing = v["identity"]["trustAnchor"]["existingSecret"]
         if existing:
-            assert f"CA={existing}" in script
+            assert source == {"secret": {"name": existing, "items": [{"key": "tls.crt", "path": ca_file}]}}, where
+        else:
+            assert source == {"configMap": {"name": f"{fullname(values)}-trust-anchor", "items": [{"key": "ca.crt", "path": ca_file}]}}, where
+
+
+def test_cert_manager_issues_every_identity_instead(rendering):
+    name, values, objects, _ = rendering
+    certs = by_kind(objects, "Certificate")
+    if not uses_cert_manager(values):
+        assert not certs
+        return
+    v = effective(values)
+    trust_domain = v["mesh"]["trustDomain"]
+    mounted = {vol["secret"]["secretName"] for _, spec, _ in proxies(objects) for vol in spec["volumes"] if vol["name"] == "identity"}
+    assert {c["spec"]["secretName"] for c in certs} == mounted
+    for cert in certs:
+        identity = cert["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert cert["spec"]["uris"] == [f"spiffe://{trust_domain}/ns/{NAMESPACE}/sa/{identity}"]
+        assert set(cert["spec"]["usages"]) >= {"server auth", "client auth"}
+        assert cert["spec"]["duration"] == v["identity"]["certTTL"]
+        assert cert["spec"]["renewBeforePercentage"] == 30
+
+
+def test_gateway_exposes_only_the_configured_services(rendering):
+    name, values, objects, _ = rendering
+    expose = effective(values)["gateway"]["expose"]
+    _, _, gateway = next(p for p in proxies(objects) if p[0] == "gateway")
+    assert env_of(gateway)["MINIMESH_EXPOSE"] == ",".join(expose)
+    if "gateway" not in values:
+        # By default payment is internal.
+        assert expose == ["user", "order"]
 
 
 def test_tracing_points_every_component_at_the_collector(rendering):
@@ -263,18 +549,103 @@ def test_tracing_points_every_component_at_the_collector(rendering):
                 assert endpoint is None
 
 
-def test_network_policy_allows_only_mesh_ports(rendering):
+def selects(selector, labels):
+    """Whether a Kubernetes label selector matches a set of labels."""
+    if not all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        if expr["operator"] == "In" and value not in expr["values"]:
+            return False
+        if expr["operator"] == "NotIn" and value in expr["values"]:
+            return False
+        if expr["operator"] == "Exists" and value is None:
+            return False
+        if expr["operator"] == "DoesNotExist" and value is not None:
+            return False
+    return True
+
+
+def release_pods(objects):
+    """{component: pod template labels} of every workload of the release."""
+    return {
+        obj["metadata"]["labels"]["app.kubernetes.io/component"]: obj["spec"]["template"]["metadata"]["labels"]
+        for obj in objects if obj["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+def normalise(rule, peers_key, pods, values_peers):
+    """A rule as (ports, who): who is "anywhere", the release components a pod-selector peer
+    admits, or "values" when its peers are exactly the ones given in values."""
+    ports = frozenset(p["port"] for p in rule["ports"])
+    peers = rule.get(peers_key)
+    if not peers:
+        return ports, "anywhere"
+    if peers in values_peers:
+        return ports, "values"
+    components = set()
+    for peer in peers:
+        assert set(peer) == {"podSelector"}, f"unexpected peer {peer}"
+        components |= {c for c, labels in pods.items() if selects(peer["podSelector"], labels)}
+    return ports, frozenset(components)
+
+
+MESH = frozenset(SERVICES + ["gateway"])
+
+
+def test_network_policies_rule_by_rule(rendering):
+    """Every rule of every policy, in both directions: the mesh port from the release's mesh pods
+    only, the issuer from mesh pods only, the gateway port from gatewayFrom (anyone by default),
+    admin and metrics ports from adminFrom only (none by default), and nothing else in."""
     name, values, objects, _ = rendering
     policies = by_kind(objects, "NetworkPolicy")
-    if not values.get("networkPolicy", {}).get("enabled"):
+    v = effective(values)
+    np = v["networkPolicy"]
+    if not np["enabled"]:
         assert not policies
         return
-    services_policy = next(p for p in policies if p["metadata"]["name"].endswith("-services"))
-    mesh_rule = services_policy["spec"]["ingress"][0]
-    assert [p["port"] for p in mesh_rule["ports"]] == [4143]
-    assert "podSelector" in mesh_rule["from"][0], "mesh port only from mesh pods"
-    gateway_policy = next(p for p in policies if p["metadata"]["name"].endswith("-gateway"))
-    assert 50051 in [p["port"] for p in gateway_policy["spec"]["ingress"][0]["ports"]]
+    pods = release_pods(objects)
+    issuer = not uses_cert_manager(values)
+    prefix = fullname(values) + "-"
+    by_name = {p["metadata"]["name"].removeprefix(prefix): p for p in policies}
+    assert sorted(by_name) == sorted(["services", "gateway"] + (["identity"] if issuer else []))
+    targets = {"services": set(SERVICES), "gateway": {"gateway"}, "identity": {"identity"}}
+    given = [peers for peers in (np["adminFrom"], np["gatewayFrom"]) if peers]
+
+    def expected_admin(port):
+        return {(frozenset({port}), "values")} if np["adminFrom"] else set()
+
+    expected_in = {
+        "services": {(frozenset({4143}), MESH)} | expected_admin(4191),
+        "gateway": {(frozenset({50051}), "values" if np["gatewayFrom"] else "anywhere")} | expected_admin(4191),
+        "identity": {(frozenset({8443}), MESH)} | expected_admin(9090),
+    }
+    tracing = set()
+    if v["jaeger"]["enabled"]:
+        tracing = {(frozenset({4317}), frozenset({"jaeger"}))}
+    elif v["tracing"]["otlpEndpoint"]:
+        tracing = {(frozenset({4317}), "anywhere")}
+    dns = {(frozenset({53}), "anywhere")}
+    proxy_out = {(frozenset({4143}), MESH)} | ({(frozenset({8443}), frozenset({"identity"}))} if issuer else set()) | dns | tracing
+    expected_out = {
+        "services": proxy_out,
+        "gateway": proxy_out,
+        "identity": {(frozenset(np["apiServerPorts"]), "anywhere")} | dns | tracing,
+    }
+    for short, policy in by_name.items():
+        spec = policy["spec"]
+        where = f"{name}: {policy['metadata']['name']}"
+        assert spec["policyTypes"] == ["Ingress", "Egress"], where
+        assert {c for c, labels in pods.items() if selects(spec["podSelector"], labels)} == targets[short], where
+        ingress = [normalise(r, "from", pods, given) for r in spec["ingress"]]
+        assert len(ingress) == len(set(ingress)) and set(ingress) == expected_in[short], where
+        for rule in spec["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            if ports & {4191, 9090}:
+                assert rule["from"] == np["adminFrom"], f"{where}: admin port from {rule.get('from')}"
+            assert not ports & {8080, 9090} or short == "identity", f"{where}: a service's loopback port is opened"
+        egress = [normalise(r, "to", pods, given) for r in spec["egress"]]
+        assert len(egress) == len(set(egress)) and set(egress) == expected_out[short], where
 
 
 def test_helm_test_checks_health_through_the_gateway(rendering):
@@ -291,6 +662,12 @@ def test_notes_tell_how_to_reach_the_mesh():
     assert "port-forward svc/shop-minimesh-gateway 50051:50051" in notes
     assert "grpcurl -plaintext 127.0.0.1:50051 list" in notes
     assert "16686:16686" in notes
+    assert "The gateway serves user, order;" in notes
+    assert "the issuer shop-minimesh-identity signs workload certificates valid 24h" in notes
+    notes = render_all({"gateway": {"expose": ["order"]}, "certManager": {"enabled": True}, "identity": {"certTTL": "48h"}})["minimesh/templates/NOTES.txt"]
+    assert "The gateway serves order;" in notes
+    assert "cert-manager Certificates (issuer Issuer/minimesh-ca), valid 48h" in notes
+    assert "shop-minimesh-identity" not in notes
 
 
 @pytest.mark.parametrize(
@@ -302,11 +679,41 @@ def test_notes_tell_how_to_reach_the_mesh():
         {"mesh": {"traffic": {"maxAttempts": 0}}},
         {"tracing": {"otlpEndpoint": "collector:4317"}},
         {"certManager": {"issuerRef": {"name": "x", "kind": "Secret"}}},
+        {"certificates": {"days": 365}},
+        {"gateway": {"expose": ["inventory"]}},
+        {"gateway": {"expose": ["user", "user"]}},
+        {"identity": {"certTTL": "5s"}},
+        {"identity": {"certTTL": "1d"}},
+        {"identity": {"replicas": 0}},
+        {"identity": {"trustAnchor": {"existingSecret": "mesh-ca", "certPem": "-----BEGIN CERTIFICATE-----"}}},
+        {"identity": {"trustAnchor": {"existingSecret": "Not A Name"}}},
+        {"networkPolicy": {"adminFrom": [{"podSelector": {}, "ports": [{"port": 4191}]}]}},
+        {"networkPolicy": {"gatewayFrom": [{}]}},
+        {"networkPolicy": {"apiServerPorts": []}},
     ],
 )
 def test_schema_refuses_bad_values(bad):
     with pytest.raises(helm_python.HelmError):
         install(bad)
+
+
+TEST_CA = yaml.safe_load((CHART / "ci" / "trust-anchor-values.yaml").read_text())["identity"]["trustAnchor"]
+
+
+@pytest.mark.parametrize(
+    "anchor, message",
+    [
+        ({"certPem": TEST_CA["certPem"]}, "give both certPem and keyPem"),
+        ({"keyPem": TEST_CA["keyPem"]}, "give both certPem and keyPem"),
+        ({"certPem": TEST_CA["certPem"], "keyPem": "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n"}, "PKCS#8"),
+        ({"certPem": "not a certificate", "keyPem": TEST_CA["keyPem"]}, "PEM certificate"),
+    ],
+)
+def test_a_trust_anchor_the_issuer_could_not_read_fails_the_render(anchor, message):
+    """The issuer reads PKCS#8 keys only: say so at `helm install`, not in a crash-looping pod."""
+    with pytest.raises(helm_python.HelmError) as err:
+        install({"identity": {"trustAnchor": anchor}})
+    assert message in str(err.value)
 
 
 def leaf_paths(tree, prefix=()):

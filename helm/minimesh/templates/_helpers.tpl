@@ -40,13 +40,150 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Secret holding one identity's ca.crt, tls.crt and tls.key. */}}
+{{/* cert-manager's Secret for one identity: ca.crt, tls.crt and tls.key. */}}
 {{- define "minimesh.identitySecret" -}}
 {{- printf "%s-%s-identity" (include "minimesh.fullname" .root) .name }}
 {{- end }}
 
-{{- define "minimesh.caSecret" -}}
-{{- default (printf "%s-ca" (include "minimesh.fullname" .)) .Values.certificates.existingCASecret }}
+{{/* The identity issuer's Service, and the DNS names its serving certificate carries. */}}
+{{- define "minimesh.issuer" -}}
+{{- printf "%s-identity" (include "minimesh.fullname" .) }}
+{{- end }}
+
+{{- define "minimesh.issuerHost" -}}
+{{- printf "%s.%s.svc" (include "minimesh.issuer" .) .Release.Namespace }}
+{{- end }}
+
+{{- define "minimesh.issuerServerNames" -}}
+{{- $svc := include "minimesh.issuer" . }}
+{{- list $svc (printf "%s.%s" $svc .Release.Namespace) (include "minimesh.issuerHost" .) (printf "%s.cluster.local" (include "minimesh.issuerHost" .)) | join "," }}
+{{- end }}
+
+{{/* The Secret holding the trust anchor (tls.crt, tls.key): the user's, or the release's own. */}}
+{{- define "minimesh.trustAnchorSecret" -}}
+{{- default (printf "%s-trust-anchor" (include "minimesh.fullname" .)) .Values.identity.trustAnchor.existingSecret }}
+{{- end }}
+
+{{/* The trust anchor PEMs as JSON {"cert", "key"} when the release owns them: from values, from the
+     Secret an earlier install created (lookup), or generated now. Ed25519 because the issuer reads
+     PKCS#8 keys only, and that is the form Helm writes Ed25519 keys in. Resolved once per render
+     (kept on the root context) so the Secret, the ConfigMap and the checksums agree. */}}
+{{- define "minimesh.trustAnchor" -}}
+{{- if not (hasKey . "minimeshTrustAnchor") }}
+{{- $ta := .Values.identity.trustAnchor }}
+{{- $pems := dict }}
+{{- if or $ta.certPem $ta.keyPem }}
+{{- if not (and $ta.certPem $ta.keyPem) }}
+{{- fail "identity.trustAnchor: give both certPem and keyPem" }}
+{{- end }}
+{{- if not (contains "-----BEGIN PRIVATE KEY-----" $ta.keyPem) }}
+{{- fail "identity.trustAnchor.keyPem must be a PKCS#8 PEM key (-----BEGIN PRIVATE KEY-----); convert with: openssl pkcs8 -topk8 -nocrypt" }}
+{{- end }}
+{{- if not (contains "-----BEGIN CERTIFICATE-----" $ta.certPem) }}
+{{- fail "identity.trustAnchor.certPem must be a PEM certificate (-----BEGIN CERTIFICATE-----)" }}
+{{- end }}
+{{- $pems = dict "cert" $ta.certPem "key" $ta.keyPem }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "minimesh.trustAnchorSecret" .) }}
+{{- $data := dig "data" (dict) $existing }}
+{{- if and (index $data "tls.crt") (index $data "tls.key") }}
+{{- $pems = dict "cert" (index $data "tls.crt" | b64dec) "key" (index $data "tls.key" | b64dec) }}
+{{- else }}
+{{- $ca := genCAWithKey "minimesh trust anchor" 3650 (genPrivateKey "ed25519") }}
+{{- $pems = dict "cert" $ca.Cert "key" $ca.Key }}
+{{- end }}
+{{- end }}
+{{- $_ := set . "minimeshTrustAnchor" $pems }}
+{{- end }}
+{{- get . "minimeshTrustAnchor" | toJson }}
+{{- end }}
+
+{{/* What proxies trust, for the pods' checksum annotations: the release's certificate, or the
+     name of the user's Secret (its content is not known at render time). */}}
+{{- define "minimesh.trustChecksum" -}}
+{{- if .Values.certManager.enabled }}
+{{- "cert-manager" | sha256sum }}
+{{- else if .Values.identity.trustAnchor.existingSecret }}
+{{- .Values.identity.trustAnchor.existingSecret | sha256sum }}
+{{- else }}
+{{- (include "minimesh.trustAnchor" . | fromJson).cert | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of a proxy (sidecar or gateway) for its identity. Call with the root context. */}}
+{{- define "minimesh.proxyIdentityEnv" -}}
+{{- if .Values.certManager.enabled }}
+- name: MINIMESH_CA
+  value: /var/run/minimesh/identity/ca.crt
+- name: MINIMESH_CERT
+  value: /var/run/minimesh/identity/tls.crt
+- name: MINIMESH_KEY
+  value: /var/run/minimesh/identity/tls.key
+{{- else }}
+# The key is made in memory; the issuer signs it for the ServiceAccount the token proves.
+- name: MINIMESH_CA
+  value: /var/run/minimesh/trust/ca.crt
+- name: MINIMESH_IDENTITY_ADDR
+  value: {{ printf "https://%s:8443" (include "minimesh.issuerHost" .) | quote }}
+- name: MINIMESH_IDENTITY_SERVER_NAME
+  value: {{ include "minimesh.issuerHost" . | quote }}
+- name: MINIMESH_IDENTITY_TOKEN_FILE
+  value: /var/run/secrets/minimesh/token
+- name: MINIMESH_NAMESPACE
+  valueFrom:
+    fieldRef: {fieldPath: metadata.namespace}
+{{- end }}
+{{- end }}
+
+{{/* Mounts of a proxy for its identity. Call with the root context. */}}
+{{- define "minimesh.proxyIdentityMounts" -}}
+{{- if .Values.certManager.enabled }}
+- name: identity
+  mountPath: /var/run/minimesh/identity
+  readOnly: true
+{{- else }}
+- name: trust-anchor
+  mountPath: /var/run/minimesh/trust
+  readOnly: true
+- name: identity-token
+  mountPath: /var/run/secrets/minimesh
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Volumes of a proxy pod for its identity. Call with (dict "root" $ "name" "order"). */}}
+{{- define "minimesh.proxyIdentityVolumes" -}}
+{{- $root := .root }}
+{{- if $root.Values.certManager.enabled }}
+- name: identity
+  secret:
+    secretName: {{ include "minimesh.identitySecret" . }}
+    defaultMode: 0440
+{{- else }}
+# The trust anchor's certificate only: never its key.
+- name: trust-anchor
+  projected:
+    defaultMode: 0444
+    sources:
+      {{- if $root.Values.identity.trustAnchor.existingSecret }}
+      - secret:
+          name: {{ $root.Values.identity.trustAnchor.existingSecret }}
+          items: [{key: tls.crt, path: ca.crt}]
+      {{- else }}
+      - configMap:
+          name: {{ include "minimesh.fullname" $root }}-trust-anchor
+          items: [{key: ca.crt, path: ca.crt}]
+      {{- end }}
+# A short-lived token bound to the issuer's audience; kubelet renews it before it expires.
+- name: identity-token
+  projected:
+    defaultMode: 0440
+    sources:
+      - serviceAccountToken:
+          audience: minimesh-identity
+          expirationSeconds: 3600
+          path: token
+{{- end }}
 {{- end }}
 
 {{/* Where traces go: the bundled Jaeger, an existing collector, or nowhere. */}}
@@ -137,21 +274,23 @@ imagePullSecrets:
       value: "0.0.0.0:4191"
     - name: MINIMESH_APP
       value: "127.0.0.1:8080"
-    - name: MINIMESH_CA
-      value: /var/run/minimesh/identity/ca.crt
-    - name: MINIMESH_CERT
-      value: /var/run/minimesh/identity/tls.crt
-    - name: MINIMESH_KEY
-      value: /var/run/minimesh/identity/tls.key
+    {{- include "minimesh.proxyIdentityEnv" .root | nindent 4 }}
     {{- include "minimesh.tracingEnv" (dict "root" .root "serviceName" (printf "minimesh-sidecar-%s" .name)) | nindent 4 }}
   ports:
     - name: mesh
       containerPort: 4143
     - name: admin
       containerPort: 4191
+  # Up to 90 s for the first certificate (the proxy gives up after 60 s and is restarted). On
+  # /live, not /ready: a native sidecar must start before its service can report SERVING.
+  startupProbe:
+    httpGet: {path: /live, port: admin}
+    periodSeconds: 2
+    failureThreshold: 45
   livenessProbe:
     httpGet: {path: /live, port: admin}
     periodSeconds: 10
+  # Ready only while the local service reports SERVING: the pod's readiness.
   readinessProbe:
     httpGet: {path: /ready, port: admin}
     periodSeconds: 5
@@ -160,9 +299,7 @@ imagePullSecrets:
   resources:
     {{- toYaml .root.Values.sidecar.resources | nindent 4 }}
   volumeMounts:
-    - name: identity
-      mountPath: /var/run/minimesh/identity
-      readOnly: true
+    {{- include "minimesh.proxyIdentityMounts" .root | nindent 4 }}
     - name: sidecar-config
       mountPath: /etc/minimesh
       readOnly: true
