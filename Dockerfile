@@ -1,4 +1,4 @@
-# One image, every component: `minimesh up|service|sidecar|gateway|certs`.
+# One image, every component: `minimesh up|service|sidecar|gateway|identity|certs`.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .

@@ -42,9 +42,6 @@ enum Command {
     Gateway(ProxyArgs<minimesh_sidecar::GatewayArgs>),
     /// The identity issuer: short-lived workload certificates for proxies that prove who they are.
     Identity(IdentityCmd),
-    /// Copy this binary to PATH (used by the Helm chart's certificate Job, whose kubectl image runs it).
-    #[command(hide = true)]
-    CopyBinary { destination: std::path::PathBuf },
     /// Benchmarks: an echo backend, a load generator, and the side-by-side suite.
     Bench(minimesh_bench::BenchArgs),
     /// The mesh CA: create it, issue identities.
@@ -215,7 +212,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Service(service) => run_service(service).await,
             Command::Certs(command) => Ok(minimesh_certs::run(command)?),
             Command::Bench(args) => minimesh_bench::run(args).await,
-            Command::CopyBinary { destination } => copy_binary(&destination),
             Command::Sidecar(args) => run_sidecar(args).await,
             Command::Identity(args) => run_identity(args).await,
             Command::Gateway(args) => run_gateway(args).await,
@@ -310,16 +306,6 @@ async fn serve_one(command: ServiceCommand) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopped");
-    Ok(())
-}
-
-fn copy_binary(destination: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let exe = std::env::current_exe().context("finding this binary")?;
-    std::fs::copy(&exe, destination)
-        .with_context(|| format!("copying to {}", destination.display()))?;
-    std::fs::set_permissions(destination, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("making {} executable", destination.display()))?;
     Ok(())
 }
 
