@@ -80,6 +80,7 @@ pub struct FileEjection {
     pub consecutive_failures: Option<u32>,
     pub base_ms: Option<u64>,
     pub max_ms: Option<u64>,
+    pub max_percent: Option<u32>,
 }
 
 impl FileConfig {
@@ -124,6 +125,9 @@ pub struct TrafficArgs {
     /// Longest ejection back-off (default 60s).
     #[arg(long, env = "MINIMESH_EJECT_MAX", value_parser = humantime::parse_duration)]
     pub eject_max: Option<Duration>,
+    /// Most endpoints of one upstream ejected at once, in percent (default 50; one may always be).
+    #[arg(long, env = "MINIMESH_EJECT_MAX_PERCENT", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub eject_max_percent: Option<u32>,
     /// How often DNS upstream names are re-resolved.
     #[arg(long, env = "MINIMESH_DNS_REFRESH", value_parser = humantime::parse_duration, default_value = "5s")]
     pub dns_refresh: Duration,
@@ -172,6 +176,9 @@ impl TrafficArgs {
             .or(file.ejection.max_ms.map(Duration::from_millis))
         {
             policy.ejection.max = d;
+        }
+        if let Some(p) = self.eject_max_percent.or(file.ejection.max_percent) {
+            policy.ejection.max_ejection_percent = p.min(100);
         }
         policy
     }
