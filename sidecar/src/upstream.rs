@@ -292,7 +292,10 @@ impl Upstream {
             let wait = per_try.or(deadline.map(|d| d.remaining()));
             // The guard takes the attempt off the endpoint's books however
             // it ends, also when this future is dropped (the caller left).
-            let tracked = endpoint.state.start(probe, Instant::now());
+            let tracked = endpoint
+                .state
+                .start(probe, Instant::now())
+                .with_deadline(deadline.map(|d| Instant::now() + d.remaining()));
             let send = endpoint.conn.send(request).instrument(attempt_span);
             let sent = match wait {
                 Some(wait) => tokio::time::timeout(wait, send).await,

@@ -224,6 +224,7 @@ impl EndpointState {
             id,
             started: now,
             probe,
+            deadline: None,
             done: false,
         }
     }
@@ -279,10 +280,25 @@ pub struct Attempt {
     id: u64,
     started: Instant,
     probe: bool,
+    deadline: Option<Instant>,
     done: bool,
 }
 
+/// A caller that gives up at its own deadline races the proxy's timer for the
+/// same deadline; a drop this close to the deadline is taken as a timeout.
+fn deadline_slack(budget: Duration) -> Duration {
+    (budget / 20).max(Duration::from_millis(20))
+}
+
 impl Attempt {
+    /// The call's deadline: if the attempt is dropped at (or just before)
+    /// it, the caller gave up on the endpoint's answer, and that counts as
+    /// a timeout rather than a cancellation.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
     /// True when this attempt is the endpoint's probe.
     pub fn is_probe(&self) -> bool {
         self.probe
@@ -303,8 +319,18 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.done {
+            let now = Instant::now();
+            let timed_out = self.deadline.is_some_and(|deadline| {
+                let budget = deadline.saturating_duration_since(self.started);
+                now + deadline_slack(budget) >= deadline
+            });
+            let outcome = if timed_out {
+                Outcome::Timeout
+            } else {
+                Outcome::Cancelled
+            };
             self.endpoint
-                .end(self.id, self.started, self.probe, Outcome::Cancelled);
+                .end(self.id, self.started, self.probe, outcome);
         }
     }
 }
@@ -466,6 +492,27 @@ mod tests {
             e.latency(Instant::now()) >= 2 * S - MS,
             "a call cancelled after 2 s says the latency is at least that"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drop_at_the_callers_deadline_is_a_timeout_and_one_before_is_not() {
+        let (eps, _) = endpoints(1);
+        let e = &eps[0];
+        let call = |wait: Duration| async move {
+            let now = Instant::now();
+            let attempt = e.start(false, now).with_deadline(Some(now + 2 * S));
+            tokio::time::advance(wait).await;
+            drop(attempt);
+        };
+        for _ in 0..10 {
+            call(S).await;
+        }
+        assert!(e.is_open(), "dropped half-way: cancellations");
+        // The caller gave up 5 ms before the proxy's own timer would have.
+        for _ in 0..3 {
+            call(2 * S - 5 * MS).await;
+        }
+        assert!(!e.is_open(), "three timeouts eject");
     }
 
     #[tokio::test(start_paused = true)]
