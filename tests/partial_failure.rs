@@ -113,10 +113,10 @@ fn last_backoff(mesh: &Mesh, process: &str, endpoint: &str) -> Duration {
         .unwrap_or_default();
     let ms = log
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["fields"]["endpoint"] == endpoint)
-        .filter_map(|v| v["fields"]["backoff_ms"].as_u64())
-        .last()
+        .find_map(|v| v["fields"]["backoff_ms"].as_u64())
         .unwrap_or_else(|| panic!("{process} logged no ejection of {endpoint}"));
     Duration::from_millis(ms)
 }
