@@ -108,7 +108,7 @@ async fn gateway_ejections(mesh: &Mesh, service: &str) -> f64 {
 
 /// The back-off of the last ejection of `endpoint` that `process` logged
 /// (ejections and cancelled probes both log it).
-fn last_backoff(mesh: &Mesh, process: &str, endpoint: &str) -> Duration {
+fn last_backoff(mesh: &Mesh, process: &str, endpoint: &str) -> Option<Duration> {
     let log = std::fs::read_to_string(mesh.data_dir.join(format!("logs/{process}.log")))
         .unwrap_or_default();
     let ms = log
@@ -116,9 +116,8 @@ fn last_backoff(mesh: &Mesh, process: &str, endpoint: &str) -> Duration {
         .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["fields"]["endpoint"] == endpoint)
-        .find_map(|v| v["fields"]["backoff_ms"].as_u64())
-        .unwrap_or_else(|| panic!("{process} logged no ejection of {endpoint}"));
-    Duration::from_millis(ms)
+        .find_map(|v| v["fields"]["backoff_ms"].as_u64())?;
+    Some(Duration::from_millis(ms))
 }
 
 async fn gateway_channel(mesh: &Mesh) -> Channel {
@@ -215,7 +214,7 @@ impl Load {
 }
 
 /// How long until replica `victim` of `service` has at least `share` of the
-/// calls of `method` over a one-second window; None if not within `limit`.
+/// calls of `method` over a half-second window; None if not within `limit`.
 /// The window's lag is counted in, so the time is an upper bound.
 async fn time_to_share(
     mesh: &Mesh,
@@ -225,6 +224,7 @@ async fn time_to_share(
     share: f64,
     limit: Duration,
 ) -> Option<Duration> {
+    const WINDOW: Duration = Duration::from_millis(500);
     let start = Instant::now();
     let mut history: VecDeque<(Instant, Vec<f64>)> = VecDeque::new();
     while start.elapsed() < limit {
@@ -232,23 +232,23 @@ async fn time_to_share(
             let now = Instant::now();
             while history
                 .get(1)
-                .is_some_and(|(at, _)| now.duration_since(*at) >= Duration::from_secs(1))
+                .is_some_and(|(at, _)| now.duration_since(*at) >= WINDOW)
             {
                 history.pop_front();
             }
             if let Some((at, old)) = history.front()
-                && now.duration_since(*at) >= Duration::from_secs(1)
+                && now.duration_since(*at) >= WINDOW
             {
                 let delta: Vec<f64> = counts.iter().zip(old).map(|(n, o)| n - o).collect();
                 let total: f64 = delta.iter().sum();
                 if total >= 50.0 && delta[victim] / total >= share {
-                    eprintln!("replica {victim} has {delta:?} of the last second's calls");
+                    eprintln!("replica {victim} has {delta:?} of the last half second's calls");
                     return Some(start.elapsed());
                 }
             }
             history.push_back((now, counts));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     None
 }
@@ -298,6 +298,7 @@ async fn a_hung_replica_is_ejected_and_comes_back_and_throughput_holds() {
         "ejected only after {ejected_after:?}"
     );
     let back = back.expect("the replica never got its share back");
+    let backoff = backoff.expect("the gateway logged no ejection of it");
     assert!(
         back <= backoff + Duration::from_secs(2),
         "share back after {back:?}, back-off {backoff:?}"
@@ -336,6 +337,7 @@ async fn a_restarted_replica_gets_its_share_back_while_others_are_healthy() {
         "restarted sidecar ready {ready_after:?} after the kill; its share back {back:?} later (back-off {backoff:?})"
     );
     let back = back.expect("the restarted replica never got its share back");
+    let backoff = backoff.expect("the gateway logged no ejection of it");
     assert!(
         back <= backoff + Duration::from_secs(2),
         "share back after {back:?}, back-off {backoff:?}"
@@ -435,8 +437,9 @@ async fn a_probe_that_times_out_or_is_cancelled_keeps_the_endpoint_out_one_backo
         };
         let backoff = last_backoff(&mesh, "gateway", &endpoint);
         eprintln!("probe {how}: first OK {first_ok:?} after it, back-off {backoff:?}");
+        let backoff = backoff.expect("the gateway logged no ejection of it");
         assert!(
-            first_ok <= backoff + Duration::from_secs(1),
+            first_ok <= backoff + Duration::from_millis(1500),
             "probe {how}: out for {first_ok:?} with a back-off of {backoff:?}"
         );
     }
@@ -512,7 +515,8 @@ async fn a_per_try_timeout_moves_the_call_to_a_fast_replica() {
         let (_, text) = http_get(&order_admin, "/metrics").await.expect("metrics");
         sum(&text, "minimesh_retries_total", &["service=\"payment\""])
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
     let mut calls = 0;
     let mut slowest = Duration::ZERO;
     while retries().await < 2.0 {
@@ -535,7 +539,8 @@ async fn a_per_try_timeout_moves_the_call_to_a_fast_replica() {
         calls += 1;
     }
     eprintln!(
-        "{calls} charges, all OK, slowest {slowest:?}, {} retried after a per-try timeout",
+        "{calls} charges in {:?}, all OK, slowest {slowest:?}, {} retried after a per-try timeout",
+        started.elapsed(),
         retries().await
     );
     assert!(

@@ -238,7 +238,9 @@ impl Upstream {
         let max_attempts = self.policy.retry.max_attempts.max(1);
         let mut last_error = String::from("no attempt made");
         let mut last_code = Code::Unavailable;
-        // After a per-try timeout the call goes to another endpoint or nowhere.
+        // A retry goes to another endpoint or nowhere: hammering one that
+        // just failed (or timed out) helps nobody. Only a lone endpoint is
+        // tried again after a failure, since a fresh connection may work.
         let mut need_fresh = false;
         // A timed-out attempt may have reached an application: then no
         // error of this call may tell the caller it is safe to retry.
@@ -251,12 +253,13 @@ impl Upstream {
                     false,
                 );
             }
-            let Some((endpoint, probe)) = self.pick(&tried, need_fresh) else {
-                if need_fresh {
+            let strict = need_fresh || self.endpoint_count() > 1;
+            let Some((endpoint, probe)) = self.pick(&tried, strict) else {
+                if !tried.is_empty() {
                     return grpc_error(
                         last_code,
                         &format!("{last_error}; no other endpoint to try"),
-                        false,
+                        last_code == Code::Unavailable && !maybe_delivered,
                     );
                 }
                 let all = self.endpoint_count();

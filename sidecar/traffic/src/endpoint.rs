@@ -5,9 +5,10 @@
 //! An attempt is a guard ([`Attempt`]): however it ends (answered, failed,
 //! timed out, or its future dropped because the caller went away) it comes
 //! off the endpoint's books, so no in-flight count can leak and no probe can
-//! be lost. The cost of an endpoint counts its waiting attempts by age, as
-//! Finagle's and linkerd2-proxy's peak-EWMA count pending requests: an
-//! endpoint that stops answering gets more expensive every millisecond.
+//! be lost. The cost of an endpoint counts its waiting attempts, as Finagle's
+//! and linkerd2-proxy's peak-EWMA count pending requests, and is never less
+//! than the oldest one's age: an endpoint that stops answering gets more
+//! expensive every millisecond.
 
 use crate::balance::{PeakEwma, p2c};
 use crate::eject::{Admission, EjectionPolicy, Health, State, Transition};
@@ -183,21 +184,26 @@ impl EndpointState {
 
     /// Latency estimate now, raised to the age of the oldest waiting attempt.
     pub fn latency(&self, now: Instant) -> Duration {
-        Duration::from_nanos(Self::latency_ns(&self.lock(), now) as u64)
+        let inner = self.lock();
+        let latency = inner.ewma.estimate(now).max(Self::waited_ns(&inner, now));
+        Duration::from_nanos(latency as u64)
     }
 
-    fn latency_ns(inner: &Inner, now: Instant) -> f64 {
-        let waited = inner.pending.values().next().map_or(0.0, |&start| {
+    fn waited_ns(inner: &Inner, now: Instant) -> f64 {
+        inner.pending.values().next().map_or(0.0, |&start| {
             now.saturating_duration_since(start).as_nanos() as f64
-        });
-        inner.ewma.estimate(now).max(waited).max(FLOOR_NS)
+        })
     }
 
-    /// Expected cost of one more attempt: latency (as above) times the
-    /// attempts waiting plus one.
+    /// Expected cost of one more attempt: the estimate times the attempts
+    /// waiting plus one, and never less than the oldest waiting attempt's
+    /// age (a new one would wait at least as long). The age is not
+    /// multiplied: a busy endpoint's oldest call is a bound for itself, not
+    /// for every call queued behind it.
     pub fn cost(&self, now: Instant) -> f64 {
         let inner = self.lock();
-        Self::latency_ns(&inner, now) * (inner.pending.len() as f64 + 1.0)
+        let queued = inner.ewma.estimate(now).max(FLOOR_NS) * (inner.pending.len() as f64 + 1.0);
+        queued.max(Self::waited_ns(&inner, now))
     }
 
     /// Whether an attempt may go here now; `Probe` commits the caller to
