@@ -120,6 +120,51 @@ fn last_backoff(mesh: &Mesh, process: &str, endpoint: &str) -> Option<Duration> 
     Some(Duration::from_millis(ms))
 }
 
+/// Starts `minimesh up` in a fresh data dir. A start that fails is tried
+/// again (twice at most) after printing what its children logged as errors:
+/// now and then a service exits during start-up on a busy machine, which
+/// is not what these tests are about (tests/up.rs covers start-up).
+async fn start(extra: &[&str], env: &[(&str, &str)]) -> (tempfile::TempDir, Mesh) {
+    for attempt in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let started = tokio::spawn(async move {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            start_mesh_with_env(&path, &extra, &env).await
+        })
+        .await;
+        match started {
+            Ok(mesh) => return (dir, mesh),
+            Err(err) if attempt < 3 => {
+                eprintln!("minimesh up failed to start ({err}); its children's errors:");
+                for entry in std::fs::read_dir(dir.path().join("logs"))
+                    .into_iter()
+                    .flatten()
+                {
+                    let Ok(entry) = entry else { continue };
+                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                    for line in text
+                        .lines()
+                        .filter(|l| l.to_lowercase().contains("error"))
+                        .take(5)
+                    {
+                        eprintln!("  {}: {line}", entry.file_name().to_string_lossy());
+                    }
+                }
+            }
+            Err(err) => panic!("minimesh up failed to start three times: {err}"),
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
 async fn gateway_channel(mesh: &Mesh) -> Channel {
     let url = format!(
         "http://{}",
@@ -256,8 +301,7 @@ async fn time_to_share(
 #[tokio::test]
 async fn a_hung_replica_is_ejected_and_comes_back_and_throughput_holds() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(dir.path(), &["--replicas", "user=3"]).await;
+    let (_dir, mesh) = start(&["--replicas", "user=3"], &[]).await;
     let channel = gateway_channel(&mesh).await;
     let user = new_user(&mut UserServiceClient::new(channel.clone())).await;
     let load = Load::start(channel, 16, &user.id, Some(Duration::from_secs(2)));
@@ -309,8 +353,7 @@ async fn a_hung_replica_is_ejected_and_comes_back_and_throughput_holds() {
 #[tokio::test]
 async fn a_restarted_replica_gets_its_share_back_while_others_are_healthy() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(dir.path(), &["--replicas", "user=3"]).await;
+    let (_dir, mesh) = start(&["--replicas", "user=3"], &[]).await;
     let channel = gateway_channel(&mesh).await;
     let user = new_user(&mut UserServiceClient::new(channel.clone())).await;
     let load = Load::start(channel, 16, &user.id, Some(Duration::from_secs(2)));
@@ -412,8 +455,7 @@ async fn lose_a_probe(
 #[tokio::test]
 async fn a_probe_that_times_out_or_is_cancelled_keeps_the_endpoint_out_one_backoff_at_most() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(dir.path(), &[]).await;
+    let (_dir, mesh) = start(&[], &[]).await;
     let endpoint = mesh.instances("user")[0]["inbound"]
         .as_str()
         .unwrap()
@@ -449,8 +491,7 @@ async fn a_probe_that_times_out_or_is_cancelled_keeps_the_endpoint_out_one_backo
 #[tokio::test]
 async fn cancelled_calls_do_not_shun_a_replica() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(dir.path(), &["--replicas", "user=2"]).await;
+    let (_dir, mesh) = start(&["--replicas", "user=2"], &[]).await;
     let channel = gateway_channel(&mesh).await;
     let user = new_user(&mut UserServiceClient::new(channel.clone())).await;
     let load = Load::start(channel.clone(), 8, &user.id, None);
@@ -485,9 +526,7 @@ async fn cancelled_calls_do_not_shun_a_replica() {
 #[tokio::test]
 async fn a_per_try_timeout_moves_the_call_to_a_fast_replica() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh_with_env(
-        dir.path(),
+    let (_dir, mesh) = start(
         &[
             "--replicas",
             "payment=2",
