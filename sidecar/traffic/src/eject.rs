@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Failures are what Envoy calls gateway failures (connect errors, resets,
-//! timeouts, UNAVAILABLE from the peer's proxy); the back-off doubles with
+//! timeouts, UNAVAILABLE from the peer's proxy); one timeout that found the
+//! endpoint hung counts as a whole streak; the back-off doubles with
 //! every ejection in a row, with jitter so the callers of one endpoint do not
 //! probe it in lockstep (Linkerd's failure accrual). A probe that is neither
 //! answered nor cancelled within a fraction of the back-off (its lease) counts
@@ -35,6 +36,10 @@ pub struct EjectionPolicy {
     /// At most this share of an upstream's endpoints is ejected at once, in
     /// percent; one endpoint may always be (Envoy's `max_ejection_percent`).
     pub max_ejection_percent: u32,
+    /// A call that times out after waiting at least this long, with the
+    /// endpoint answering nothing meanwhile, ejects it at once when other
+    /// endpoints can take its calls: it is hung, not slow.
+    pub hang_after: Duration,
 }
 
 impl Default for EjectionPolicy {
@@ -46,6 +51,7 @@ impl Default for EjectionPolicy {
             jitter: 0.25,
             probe_lease: 0.5,
             max_ejection_percent: 50,
+            hang_after: Duration::from_secs(1),
         }
     }
 }
@@ -203,6 +209,21 @@ impl Health {
         }
     }
 
+    /// Records a timeout that found the endpoint hung (it answered nothing
+    /// while the call waited, see [`EjectionPolicy::hang_after`]): one is
+    /// enough to eject, where other failures need a streak.
+    pub fn hang(
+        &mut self,
+        now: Instant,
+        probe: bool,
+        policy: &EjectionPolicy,
+        rng: &mut impl Rng,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Transition {
+        self.failures = self.failures.max(policy.consecutive_failures.max(1) - 1);
+        self.failure(now, probe, policy, rng, may_eject)
+    }
+
     /// The probe was dropped before it had an answer: it proved nothing, so
     /// the endpoint waits one more back-off of the same length.
     pub fn probe_cancelled(&mut self, now: Instant) -> Transition {
@@ -257,6 +278,7 @@ mod tests {
             jitter: 0.0,
             probe_lease: 0.5,
             max_ejection_percent: 100,
+            hang_after: Duration::from_secs(1),
         }
     }
 
@@ -315,6 +337,36 @@ mod tests {
             "late failures while ejected change nothing"
         );
         assert_eq!(health.ejected_until(), Some(t0 + S));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_hang_ejects_a_healthy_endpoint_and_counts_as_a_failure_elsewhere() {
+        let p = policy();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut health = Health::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            health.hang(t0, false, &p, &mut rng, || true),
+            Transition::Ejected { backoff: S }
+        );
+        assert_eq!(
+            health.hang(t0, false, &p, &mut rng, || unreachable!()),
+            Transition::None,
+            "late while ejected"
+        );
+        assert_eq!(health.admit(t0 + S, &p, &mut rng).0, Admission::Probe);
+        assert_eq!(
+            health.hang(t0 + S, true, &p, &mut rng, || unreachable!()),
+            Transition::Ejected { backoff: 2 * S },
+            "a hung probe"
+        );
+        let mut refused = Health::default();
+        assert_eq!(
+            refused.hang(t0, false, &p, &mut rng, || false),
+            Transition::None,
+            "the cap still applies"
+        );
+        assert!(refused.is_open());
     }
 
     #[tokio::test(start_paused = true)]

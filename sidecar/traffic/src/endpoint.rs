@@ -70,6 +70,12 @@ impl EjectionCap {
         self.out.load(Ordering::SeqCst)
     }
 
+    /// Endpoints in rotation besides one that is still in rotation itself.
+    fn others_open(&self) -> usize {
+        let (total, out) = (self.total.load(Ordering::SeqCst), self.out());
+        total.saturating_sub(out).saturating_sub(1)
+    }
+
     /// Takes a place for one more ejection if the cap allows it. One endpoint
     /// may always be ejected, so a lone failing endpoint still fails fast.
     fn try_take(&self) -> bool {
@@ -111,6 +117,8 @@ struct Inner {
     /// (ids grow with time, so the first entry is the oldest).
     pending: BTreeMap<u64, Instant>,
     next_id: u64,
+    /// When the endpoint last answered.
+    last_success: Option<Instant>,
 }
 
 pub struct EndpointState {
@@ -138,6 +146,7 @@ impl EndpointState {
                 ewma: PeakEwma::new(policy.default_rtt, policy.decay, now),
                 pending: BTreeMap::new(),
                 next_id: 0,
+                last_success: None,
             }),
             policy,
             cap,
@@ -243,17 +252,29 @@ impl EndpointState {
         let transition = match outcome {
             Outcome::Success => {
                 inner.ewma.observe(elapsed, now);
+                inner.last_success = Some(now);
                 inner.health.success()
             }
             Outcome::Failure | Outcome::Timeout => {
                 // The answer would have taken at least this long.
                 inner.ewma.at_least(elapsed, now);
+                let policy = &self.policy.ejection;
+                let silent = inner.last_success.is_none_or(|at| at < started);
+                let hung = outcome == Outcome::Timeout
+                    && elapsed >= policy.hang_after
+                    && silent
+                    && self.cap.others_open() >= 1;
                 let cap = &self.cap;
-                inner
-                    .health
-                    .failure(now, probe, &self.policy.ejection, &mut rand::rng(), || {
-                        cap.try_take()
-                    })
+                let may_eject = || cap.try_take();
+                if hung {
+                    inner
+                        .health
+                        .hang(now, probe, policy, &mut rand::rng(), may_eject)
+                } else {
+                    inner
+                        .health
+                        .failure(now, probe, policy, &mut rand::rng(), may_eject)
+                }
             }
             Outcome::Cancelled => {
                 inner.ewma.at_least(elapsed, now);
@@ -410,6 +431,7 @@ mod tests {
                 jitter: 0.0,
                 probe_lease: 0.5,
                 max_ejection_percent: 50,
+                hang_after: S,
             },
         })
     }
@@ -584,6 +606,41 @@ mod tests {
                 (0, Transition::Ejected { backoff: S }),
                 (1, Transition::Ejected { backoff: S })
             ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_long_timeout_with_nothing_answered_meanwhile_ejects_when_others_can_serve() {
+        let (eps, _) = endpoints(2);
+        let wait = |e: &Arc<EndpointState>, how_long: Duration, outcome: Outcome| {
+            let attempt = e.start(false, Instant::now());
+            async move {
+                tokio::time::advance(how_long).await;
+                attempt.finish(outcome)
+            }
+        };
+        // Shorter than hang_after, or answered meanwhile: an ordinary failure.
+        wait(&eps[0], 900 * MS, Outcome::Timeout).await;
+        assert!(eps[0].is_open());
+        let long = eps[0].start(false, Instant::now());
+        wait(&eps[0], 500 * MS, Outcome::Success).await;
+        tokio::time::advance(S).await;
+        long.finish(Outcome::Timeout);
+        assert!(eps[0].is_open(), "it answered while the call waited");
+        // Silent for the whole 2 s wait: hung.
+        assert_eq!(
+            wait(&eps[0], 2 * S, Outcome::Timeout).await,
+            Transition::Ejected { backoff: S }
+        );
+        // The other is now the last one in rotation: it needs a streak.
+        wait(&eps[1], 2 * S, Outcome::Timeout).await;
+        assert!(eps[1].is_open());
+
+        let (lone, _) = endpoints(1);
+        wait(&lone[0], 2 * S, Outcome::Timeout).await;
+        assert!(
+            lone[0].is_open(),
+            "a lone endpoint is not ejected for one call"
         );
     }
 
