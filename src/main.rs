@@ -1,10 +1,12 @@
 //! `minimesh`: the one binary. `up` runs the whole mesh locally by starting
 //! copies of this binary with the component subcommands.
 
+mod observe;
 mod up;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use minimesh_runtime::telemetry::LogFormat;
 use minimesh_runtime::{shutdown, telemetry};
 use opentelemetry::KeyValue;
 use tokio::net::TcpListener;
@@ -27,12 +29,18 @@ struct Cli {
 enum Command {
     /// Run the whole mesh on this machine: every service, sidecar and the gateway as its own process.
     Up(up::UpArgs),
+    /// Golden metrics of every edge of the mesh (caller → service), read from the proxies.
+    Stat(observe::StatArgs),
+    /// The same edges live in the terminal, refreshed every second, until q.
+    Top(observe::TopArgs),
     /// Run one service.
     Service(ServiceArgs),
     /// The sidecar proxy beside one service instance.
     Sidecar(ProxyArgs<minimesh_sidecar::SidecarArgs>),
     /// The edge proxy: callers outside the mesh in, mTLS into the mesh.
     Gateway(ProxyArgs<minimesh_sidecar::GatewayArgs>),
+    /// The identity issuer: short-lived workload certificates for proxies that prove who they are.
+    Identity(IdentityCmd),
     /// Copy this binary to PATH (used by the Helm chart's certificate Job, whose kubectl image runs it).
     #[command(hide = true)]
     CopyBinary { destination: std::path::PathBuf },
@@ -41,6 +49,17 @@ enum Command {
     /// The mesh CA: create it, issue identities.
     #[command(subcommand)]
     Certs(minimesh_certs::CertsCommand),
+}
+
+#[derive(clap::Args)]
+struct IdentityCmd {
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+    /// Plain HTTP listener for /live and /metrics.
+    #[arg(long, env = "MINIMESH_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    #[command(flatten)]
+    issuer: minimesh_identity::issuer::IssuerArgs,
 }
 
 #[derive(clap::Args)]
@@ -60,6 +79,15 @@ struct TelemetryArgs {
     /// Replica number, recorded as a resource attribute.
     #[arg(long, env = "MINIMESH_REPLICA", global = true, default_value_t = 0)]
     replica: u32,
+    /// Log lines as `text` or `json` (default: text on a terminal, JSON otherwise).
+    #[arg(long, env = "MINIMESH_LOG_FORMAT", global = true)]
+    log_format: Option<LogFormat>,
+}
+
+impl TelemetryArgs {
+    fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or_else(LogFormat::for_stdout)
+    }
 }
 
 #[derive(clap::Args)]
@@ -89,6 +117,7 @@ async fn run_sidecar(args: ProxyArgs<minimesh_sidecar::SidecarArgs>) -> anyhow::
             KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
             KeyValue::new("service.version", VERSION),
         ],
+        args.telemetry.log_format(),
     )?;
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
@@ -106,6 +135,7 @@ async fn run_gateway(args: ProxyArgs<minimesh_sidecar::GatewayArgs>) -> anyhow::
             KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
             KeyValue::new("service.version", VERSION),
         ],
+        args.telemetry.log_format(),
     )?;
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
@@ -125,8 +155,37 @@ enum ServiceCommand {
     Payment(minimesh_payment::PaymentConfig),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // Before any thread exists: this reads and clears LISTEN_FDS.
+    minimesh_runtime::listen::adopt_inherited();
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One line with the whole cause chain (`up` quotes it), no backtrace.
+            eprintln!("{}{}", up::ERROR_PREFIX, one_line(&err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping a cause whose text its
+/// wrapper already quotes (many error types print their source too).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = match &cli.command {
         Command::Sidecar(args) => Some(args.threads.unwrap_or(1)),
         Command::Gateway(args) => args.threads,
@@ -148,14 +207,58 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(args).await,
+            Command::Stat(args) => observe::stat(args).await,
+            Command::Top(args) => observe::top(args).await,
             Command::Service(service) => run_service(service).await,
             Command::Certs(command) => Ok(minimesh_certs::run(command)?),
             Command::Bench(args) => minimesh_bench::run(args).await,
             Command::CopyBinary { destination } => copy_binary(&destination),
             Command::Sidecar(args) => run_sidecar(args).await,
+            Command::Identity(args) => run_identity(args).await,
             Command::Gateway(args) => run_gateway(args).await,
         }
     })
+}
+
+async fn run_identity(args: IdentityCmd) -> anyhow::Result<()> {
+    let telemetry = telemetry::init(
+        "minimesh-identity",
+        args.telemetry.otlp_endpoint.as_deref(),
+        vec![KeyValue::new("service.version", VERSION)],
+        args.telemetry.log_format(),
+    )?;
+    if std::env::var_os(up::SUPERVISED_ENV).is_some() {
+        shutdown::die_with_parent();
+    }
+    let metrics = minimesh_runtime::metrics::ServiceMetrics::new(
+        "minimesh_identity_certificates",
+        "Certificate requests by outcome (issued, refused)",
+    );
+    for outcome in ["issued", "refused"] {
+        let _ = metrics
+            .outcomes
+            .get_or_create(&minimesh_runtime::metrics::StatusLabel {
+                status: outcome.to_owned(),
+            });
+    }
+    let counted = metrics.clone();
+    let issuer = std::sync::Arc::new(minimesh_identity::issuer::Issuer::new(
+        &args.issuer,
+        std::sync::Arc::new(move |outcome| counted.count(outcome)),
+    )?);
+    let listener = bind("identity", &args.issuer.listen).await?;
+    // Listening before /live answers, so a probe of /live means ready.
+    let _metrics =
+        minimesh_runtime::metrics::listen(args.metrics_listen.as_deref(), metrics).await?;
+    let result = minimesh_identity::issuer::serve(
+        issuer,
+        listener,
+        &args.issuer.server_names,
+        shutdown::signal(),
+    )
+    .await;
+    telemetry.shutdown();
+    Ok(result?)
 }
 
 async fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
@@ -172,6 +275,7 @@ async fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
             KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
             KeyValue::new("service.version", VERSION),
         ],
+        args.telemetry.log_format(),
     )?;
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
@@ -211,7 +315,7 @@ fn copy_binary(destination: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn bind(service: &str, addr: &str) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(addr)
+    let listener = minimesh_runtime::listen::bind(addr)
         .await
         .with_context(|| format!("binding the {service} listener to {addr}"))?;
     let local = listener.local_addr().context("reading the bound address")?;

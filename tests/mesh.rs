@@ -9,7 +9,7 @@ use common::*;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::order::v1::{OrderStatus, TrackRequest, WatchOrderRequest, track_request};
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
-use minimesh_proto::payment::v1::{ChargeRequest, PaymentStatus, charge_result};
+use minimesh_proto::payment::v1::{ChargeRequest, GetPaymentRequest, PaymentStatus, charge_result};
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,7 +105,26 @@ async fn a_client_with_only_mesh_json_shops_through_the_gateway() {
     assert_eq!(delivered, [a, b].into_iter().collect());
     drop(tx);
 
-    // ChargeStream: results in order, through the gateway and payment's sidecar.
+    // Payment is internal (the gateway's --expose is user,order by default):
+    // nobody outside the mesh can charge, refund or read payments.
+    let denied = match payments
+        .get_payment(GetPaymentRequest {
+            id: order.payment_id.clone(),
+        })
+        .await
+    {
+        Ok(found) => panic!("payment readable at the edge: {found:?}"),
+        Err(status) => status,
+    };
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("not exposed"), "{denied:?}");
+
+    // ChargeStream: results in order, through order's sidecar and payment's.
+    let outbound = format!(
+        "http://{}",
+        mesh.instances("order")[0]["outbound"].as_str().unwrap()
+    );
+    let mut payments = PaymentServiceClient::connect(outbound).await.unwrap();
     let batch: Vec<ChargeRequest> = (0..50)
         .map(|i| ChargeRequest {
             order_id: format!("ord_gw_{i}"),

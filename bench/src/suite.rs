@@ -356,6 +356,9 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         format!("payment={pay_in}"),
         s("--upstream"),
         format!("order={ord_in}"),
+        // The benchmark backend stands in for payment, so the edge serves it.
+        s("--expose"),
+        s("payment,order"),
     ]);
     g.extend(identity("gateway"));
     procs.push(spawn("gateway", &bin, &g, &dir.join("gateway.log"))?);

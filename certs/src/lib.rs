@@ -9,7 +9,7 @@
 
 mod spiffe;
 
-pub use spiffe::{SpiffeError, SpiffeId, spiffe_id_of};
+pub use spiffe::{SpiffeError, SpiffeId, not_after_unix, spiffe_id_of};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -46,6 +46,8 @@ pub enum CertsError {
     Spiffe(#[from] SpiffeError),
     #[error("validity must be at least one day, got {0}")]
     Validity(i64),
+    #[error("a validity of {0} days ends after the year 9999, the last date X.509 can hold")]
+    ValidityTooLong(i64),
 }
 
 /// Writes `contents` to `path`, readable by the owner only when `private`.
@@ -88,7 +90,12 @@ fn validity(days: i64) -> Result<(OffsetDateTime, OffsetDateTime), CertsError> {
         return Err(CertsError::Validity(days));
     }
     let now = OffsetDateTime::now_utc();
-    Ok((now - Duration::minutes(5), now + Duration::days(days)))
+    let end = days
+        .checked_mul(86_400)
+        .and_then(|seconds| now.checked_add(Duration::seconds(seconds)))
+        .filter(|end| end.year() <= 9999)
+        .ok_or(CertsError::ValidityTooLong(days))?;
+    Ok((now - Duration::minutes(5), end))
 }
 
 /// Creates the mesh CA in `out`: `ca.pem` and `ca.key`.
@@ -160,10 +167,27 @@ pub struct Leaf {
 /// Issues a leaf signed by the CA in `ca_dir`, in memory.
 pub fn issue_leaf(ca_dir: &Path, request: &LeafRequest) -> Result<Leaf, CertsError> {
     let id = request.spiffe_id()?;
-    let ca_key = KeyPair::from_pem(&read_file(&ca_dir.join(CA_KEY))?)?;
-    let issuer = Issuer::from_ca_cert_pem(&read_file(&ca_dir.join(CA_CERT))?, ca_key)?;
+    let ca = SigningCa::from_pem(
+        &read_file(&ca_dir.join(CA_CERT))?,
+        &read_file(&ca_dir.join(CA_KEY))?,
+    )?;
+    let window = match request.window {
+        Some(window) => window,
+        None => validity(request.days)?,
+    };
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let params = leaf_params(Some(&id), &request.dns, window)?;
+    let cert = params.signed_by(&key, &ca.issuer)?;
+    Ok(Leaf {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
 
-    let (name, ns) = (&request.name, &request.namespace);
+/// The DNS SANs of an identity's leaf: its name as a Kubernetes Service
+/// would be called (rustls checks server names against DNS SANs), plus extras.
+fn dns_names(id: &SpiffeId, extra: &[String]) -> Vec<String> {
+    let (name, ns) = (&id.name, &id.namespace);
     let mut dns = vec![
         name.clone(),
         format!("{name}.{ns}"),
@@ -171,14 +195,32 @@ pub fn issue_leaf(ca_dir: &Path, request: &LeafRequest) -> Result<Leaf, CertsErr
         format!("{name}.{ns}.svc.cluster.local"),
         "localhost".to_owned(),
     ];
-    dns.extend(request.dns.iter().cloned());
+    dns.extend(extra.iter().cloned());
     dns.dedup();
+    dns
+}
+
+/// Parameters of a leaf used in both directions of mTLS; with `id`, its one
+/// URI SAN is that SPIFFE id.
+fn leaf_params(
+    id: Option<&SpiffeId>,
+    extra_dns: &[String],
+    (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+) -> Result<CertificateParams, CertsError> {
+    let dns = match id {
+        Some(id) => dns_names(id, extra_dns),
+        None => extra_dns.to_vec(),
+    };
     let mut params = CertificateParams::new(dns)?;
-    params
-        .subject_alt_names
-        .push(SanType::URI(id.to_string().try_into()?));
     let mut subject = DistinguishedName::new();
-    subject.push(DnType::CommonName, id.to_string());
+    if let Some(id) = id {
+        params
+            .subject_alt_names
+            .push(SanType::URI(id.to_string().try_into()?));
+        subject.push(DnType::CommonName, id.to_string());
+    } else {
+        subject.push(DnType::CommonName, "minimesh identity issuer");
+    }
     params.distinguished_name = subject;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -188,16 +230,102 @@ pub fn issue_leaf(ca_dir: &Path, request: &LeafRequest) -> Result<Leaf, CertsErr
     ];
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
-    (params.not_before, params.not_after) = match request.window {
-        Some(window) => window,
-        None => validity(request.days)?,
-    };
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok(params)
+}
+
+/// A CA that signs in memory: the trust anchor (or an issuer certificate
+/// signed by it) with its key.
+pub struct SigningCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl std::fmt::Debug for SigningCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningCa")
+    }
+}
+
+/// How far back a new certificate's validity starts, for clocks that lag.
+const BACKDATE: Duration = Duration::minutes(1);
+
+impl SigningCa {
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(Self {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// Loads `ca.pem` and `ca.key` from a directory.
+    pub fn load(ca_dir: &Path) -> Result<Self, CertsError> {
+        Self::from_pem(
+            &read_file(&ca_dir.join(CA_CERT))?,
+            &read_file(&ca_dir.join(CA_KEY))?,
+        )
+    }
+
+    /// This CA's own certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Signs the public key of a PKCS#10 request (whose signature proves the
+    /// requester holds the key) into a leaf for `id`, valid for `ttl`. Every
+    /// name in the request is ignored: the caller decided `id`.
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        ttl: std::time::Duration,
+    ) -> Result<(String, OffsetDateTime), CertsError> {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
+        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der)?;
+        let window = ttl_window(ttl)?;
+        csr.params = leaf_params(Some(id), &[], window)?;
+        let cert = csr.signed_by(&self.issuer)?;
+        Ok((cert.pem(), window.1))
+    }
+
+    /// A server certificate for the issuer itself (DNS names only, no identity).
+    pub fn issue_server(
+        &self,
+        dns: &[String],
+        ttl: std::time::Duration,
+    ) -> Result<Leaf, CertsError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let params = leaf_params(None, dns, ttl_window(ttl)?)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn ttl_window(ttl: std::time::Duration) -> Result<(OffsetDateTime, OffsetDateTime), CertsError> {
+    let now = OffsetDateTime::now_utc();
+    let end = Duration::try_from(ttl)
+        .ok()
+        .and_then(|ttl| now.checked_add(ttl))
+        .filter(|end| end.year() <= 9999)
+        .ok_or(CertsError::ValidityTooLong((ttl.as_secs() / 86_400) as i64))?;
+    Ok((now - BACKDATE, end))
+}
+
+/// A key pair and a CSR for `id`, for a proxy asking the issuer. The key
+/// stays in memory.
+pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, Vec<u8>), CertsError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(Leaf {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .subject_alt_names
+        .push(SanType::URI(id.to_string().try_into()?));
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
 /// Issues a leaf and writes `NAME.pem` and `NAME.key` (0600) into `out`.
@@ -353,5 +481,12 @@ mod tests {
             issue_leaf(dir.path(), &request),
             Err(CertsError::Validity(0))
         ));
+        for days in [99_999_999_999, i64::MAX, 3_000_000] {
+            request.days = days;
+            assert!(
+                matches!(issue_leaf(dir.path(), &request), Err(CertsError::ValidityTooLong(d)) if d == days),
+                "{days} days"
+            );
+        }
     }
 }

@@ -17,6 +17,8 @@ pub enum SpiffeError {
     BadSegment(String),
     #[error("the certificate carries no SPIFFE URI SAN")]
     Missing,
+    #[error("the certificate carries {0} URI SANs; a SPIFFE identity has exactly one")]
+    ManyUris(usize),
     #[error("the certificate could not be parsed: {0}")]
     Certificate(String),
 }
@@ -71,7 +73,9 @@ impl fmt::Display for SpiffeId {
     }
 }
 
-/// The SPIFFE id in a DER certificate's URI SANs.
+/// The SPIFFE id of a DER certificate: its one and only URI SAN, which must
+/// be a well-formed SPIFFE id (X.509-SVID). A certificate with no URI SAN,
+/// several, or one that is not a SPIFFE id carries no identity.
 pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, SpiffeError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| SpiffeError::Certificate(e.to_string()))?;
@@ -79,16 +83,27 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, SpiffeError> {
         .subject_alternative_name()
         .map_err(|e| SpiffeError::Certificate(e.to_string()))?
         .ok_or(SpiffeError::Missing)?;
-    sans.value
+    let uris: Vec<&str> = sans
+        .value
         .general_names
         .iter()
-        .find_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-                Some(uri.parse())
-            }
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
             _ => None,
         })
-        .ok_or(SpiffeError::Missing)?
+        .collect();
+    match uris.as_slice() {
+        [] => Err(SpiffeError::Missing),
+        [uri] => uri.parse(),
+        many => Err(SpiffeError::ManyUris(many.len())),
+    }
+}
+
+/// A DER certificate's notAfter, in seconds since the epoch.
+pub fn not_after_unix(der: &[u8]) -> Result<i64, SpiffeError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| SpiffeError::Certificate(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
 }
 
 #[cfg(test)]

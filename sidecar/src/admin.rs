@@ -8,6 +8,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use minimesh_runtime::exposition::Format;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,11 +42,14 @@ async fn respond(
                 format!("not ready: {why}\n"),
             ),
         },
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
-        ),
+        (&Method::GET, "/metrics") => {
+            let format = Format::negotiate(request.headers().get(http::header::ACCEPT));
+            text(
+                StatusCode::OK,
+                format.content_type(),
+                metrics.render(format),
+            )
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",

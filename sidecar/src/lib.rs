@@ -16,6 +16,7 @@ pub mod authz;
 pub mod body;
 pub mod client;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod route;
 pub mod server;

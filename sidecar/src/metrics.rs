@@ -1,5 +1,6 @@
 //! The proxy's Prometheus series, with the labels of CONTRACT §3.
 
+use minimesh_runtime::exposition::Format;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -14,6 +15,7 @@ pub struct CallLabels {
     pub service: String,
     pub method: String,
     pub grpc_status: String,
+    pub client_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,6 +23,15 @@ pub struct LatencyLabels {
     pub direction: &'static str,
     pub service: String,
     pub method: String,
+    pub client_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabels {
+    /// `sidecar` or `gateway`.
+    pub role: &'static str,
+    /// The mesh service this proxy fronts (its identity's name).
+    pub service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +47,32 @@ pub struct DirectionLabels {
 
 pub const INBOUND: &str = "inbound";
 pub const OUTBOUND: &str = "outbound";
+/// The `service` and `method` label of calls that were not forwarded (no
+/// route, refused caller): a raw path would let any client mint series.
+pub const UNROUTED: &str = "unrouted";
+
+/// The `service`/`method` labels of one call, fixed once it is known where
+/// the call goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallName {
+    pub service: String,
+    pub method: String,
+}
+
+impl CallName {
+    /// `/pkg.Service/Method` split into its service and method.
+    pub fn of(path: &str) -> Self {
+        let (service, method) = labels_of(path);
+        Self { service, method }
+    }
+
+    pub fn unrouted() -> Self {
+        Self {
+            service: UNROUTED.to_owned(),
+            method: UNROUTED.to_owned(),
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +82,13 @@ pub struct Metrics {
     ejections: Family<ServiceLabels, Counter>,
     tls_failures: Family<DirectionLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
+    certificate_expiry: Gauge,
+    renewals: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -63,8 +107,22 @@ pub fn labels_of(path: &str) -> (String, String) {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
+    /// The series of one proxy: `role` is `sidecar` or `gateway`, `service`
+    /// the name of its own identity, `upstreams` the services it calls (their
+    /// retry and ejection counters exist at zero from the start).
+    pub fn new(role: &'static str, service: &str, upstreams: &[String]) -> Arc<Self> {
         let mut registry = Registry::default();
+        let info = Family::<ProxyLabels, Gauge>::default();
+        registry.register(
+            "minimesh_proxy",
+            "Which proxy this is (always 1): role and the mesh service it fronts",
+            info.clone(),
+        );
+        info.get_or_create(&ProxyLabels {
+            role,
+            service: service.to_owned(),
+        })
+        .set(1);
         let requests = Family::<CallLabels, Counter>::default();
         registry.register(
             "minimesh_requests",
@@ -110,6 +168,30 @@ impl Metrics {
             let _ = tls_failures.get_or_create(&DirectionLabels { direction });
             let _ = open_connections.get_or_create(&DirectionLabels { direction });
         }
+        for upstream in upstreams {
+            let labels = ServiceLabels {
+                direction: OUTBOUND,
+                service: upstream.clone(),
+            };
+            let _ = retries.get_or_create(&labels);
+            let _ = ejections.get_or_create(&labels);
+        }
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "minimesh_identity_certificate_expiry_timestamp_seconds",
+            "When this proxy's mesh certificate expires (seconds since the Unix epoch)",
+            certificate_expiry.clone(),
+        );
+        let renewals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "minimesh_identity_renewals",
+            "Attempts to renew this proxy's certificate with the identity issuer, by result",
+            renewals.clone(),
+        );
+        for result in ["ok", "error"] {
+            let _ = renewals.get_or_create(&ResultLabels { result });
+        }
+        minimesh_runtime::telemetry::register_span_counters(&mut registry);
         Arc::new(Self {
             registry,
             requests,
@@ -118,30 +200,46 @@ impl Metrics {
             ejections,
             tls_failures,
             open_connections,
+            certificate_expiry,
+            renewals,
         })
     }
 
+    /// The current certificate's expiry (seconds since the epoch).
+    pub fn certificate_expires(&self, unix: i64) {
+        self.certificate_expiry.set(unix);
+    }
+
+    pub fn renewal(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.renewals.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts one finished call. `client_id` is the caller's identity name
+    /// (inbound) or this proxy's own (outbound).
     pub fn request_done(
         &self,
         direction: &'static str,
-        path: &str,
+        name: &CallName,
+        client_id: &str,
         grpc_status: u32,
         elapsed: std::time::Duration,
     ) {
-        let (service, method) = labels_of(path);
         self.durations
             .get_or_create(&LatencyLabels {
                 direction,
-                service: service.clone(),
-                method: method.clone(),
+                service: name.service.clone(),
+                method: name.method.clone(),
+                client_id: client_id.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
         self.requests
             .get_or_create(&CallLabels {
                 direction,
-                service,
-                method,
+                service: name.service.clone(),
+                method: name.method.clone(),
                 grpc_status: grpc_status.to_string(),
+                client_id: client_id.to_owned(),
             })
             .inc();
     }
@@ -181,19 +279,9 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out.push_str("# HELP minimesh_spans_dropped_total Spans lost because the OTLP collector could not be reached.\n");
-        out.push_str("# TYPE minimesh_spans_dropped_total counter\n");
-        out.push_str(&format!(
-            "minimesh_spans_dropped_total {}\n",
-            minimesh_runtime::telemetry::dropped_spans()
-        ));
-        out.push_str("# EOF\n");
-        out
+    /// Every series, in the format the scraper asked for.
+    pub fn render(&self, format: Format) -> String {
+        minimesh_runtime::exposition::encode(&[&self.registry], format)
     }
 }
 
@@ -217,29 +305,23 @@ impl Drop for ConnectionGuard {
 mod tests {
     use super::*;
 
+    const CHARGE: &str = "/shop.payment.v1.PaymentService/Charge";
+
     #[test]
     fn series_carry_the_contract_labels() {
-        let metrics = Metrics::new();
-        metrics.request_done(
-            INBOUND,
-            "/shop.payment.v1.PaymentService/Charge",
-            0,
-            std::time::Duration::from_millis(3),
-        );
-        metrics.request_done(
-            INBOUND,
-            "/shop.payment.v1.PaymentService/Charge",
-            7,
-            std::time::Duration::from_millis(3),
-        );
+        let metrics = Metrics::new("sidecar", "payment", &[]);
+        let ms3 = std::time::Duration::from_millis(3);
+        metrics.request_done(INBOUND, &CallName::of(CHARGE), "order", 0, ms3);
+        metrics.request_done(INBOUND, &CallName::of(CHARGE), "order", 7, ms3);
         metrics.retry(OUTBOUND, "payment");
         metrics.ejection(OUTBOUND, "payment");
         metrics.tls_failure(INBOUND);
         let guard = metrics.connection(INBOUND);
-        let text = metrics.render();
-        assert!(text.contains(r#"minimesh_requests_total{direction="inbound",service="shop.payment.v1.PaymentService",method="Charge",grpc_status="0"} 1"#), "{text}");
-        assert!(text.contains(r#"grpc_status="7"} 1"#));
+        let text = metrics.render(Format::Prometheus);
+        assert!(text.contains(r#"minimesh_requests_total{direction="inbound",service="shop.payment.v1.PaymentService",method="Charge",grpc_status="0",client_id="order"} 1"#), "{text}");
+        assert!(text.contains(r#"grpc_status="7",client_id="order"} 1"#));
         assert!(text.contains("minimesh_request_duration_seconds_bucket"));
+        assert!(text.contains(r#"minimesh_proxy{role="sidecar",service="payment"} 1"#));
         assert!(
             text.contains(r#"minimesh_retries_total{direction="outbound",service="payment"} 1"#)
         );
@@ -251,8 +333,49 @@ mod tests {
         drop(guard);
         assert!(
             metrics
-                .render()
+                .render(Format::Prometheus)
                 .contains(r#"minimesh_open_connections{direction="inbound"} 0"#)
         );
+    }
+
+    #[test]
+    fn retry_and_ejection_counters_exist_at_zero_for_every_upstream() {
+        let text = Metrics::new("sidecar", "order", &["user".into(), "payment".into()])
+            .render(Format::Prometheus);
+        for upstream in ["user", "payment"] {
+            for family in [
+                "minimesh_retries_total",
+                "minimesh_endpoint_ejections_total",
+            ] {
+                let series = format!(r#"{family}{{direction="outbound",service="{upstream}"}} 0"#);
+                assert!(text.contains(&series), "{series} missing from\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn unrouted_calls_share_one_series() {
+        let metrics = Metrics::new("gateway", "gateway", &[]);
+        for path in ["/a/b", "/c/d", "/random"] {
+            let _ = CallName::of(path);
+            metrics.request_done(
+                OUTBOUND,
+                &CallName::unrouted(),
+                "gateway",
+                12,
+                Default::default(),
+            );
+        }
+        let text = metrics.render(Format::Prometheus);
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("minimesh_requests_total{"))
+            .collect();
+        assert_eq!(series.len(), 1, "{text}");
+        assert!(
+            series[0].contains(r#"service="unrouted",method="unrouted""#),
+            "{text}"
+        );
+        assert!(series[0].ends_with(" 3"), "{text}");
     }
 }

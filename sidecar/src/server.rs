@@ -13,9 +13,9 @@ use crate::authz::{AllowList, denial};
 use crate::body::{Code, Observed, ProxyBody, boxed, grpc_error, grpc_status};
 use crate::client::{Connection, Transport};
 use crate::config::{ConfigError, FileConfig, TrafficArgs};
-use crate::metrics::{INBOUND, Metrics, OUTBOUND};
+use crate::metrics::{CallName, INBOUND, Metrics, OUTBOUND};
 use crate::route::upstream_for;
-use crate::tls::{Reloader, TlsError, TlsFiles, peer_identity};
+use crate::tls::{Reloader, TlsError, peer_identity};
 use crate::upstream::{CallReport, TrafficPolicy, Upstream};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -26,7 +26,7 @@ use minimesh_runtime::trace::{continue_trace, inject_trace, record_ids, record_s
 use minimesh_traffic::deadline::Deadline;
 use minimesh_traffic::discover::{self, HostsFileResolver, Resolve, SystemResolver};
 use minimesh_traffic::retry::MethodKinds;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,7 +40,6 @@ use tracing::{Instrument, Span, field::Empty};
 /// How long in-flight calls may run on after shutdown begins.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const TLS_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -48,6 +47,8 @@ pub enum SidecarError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     #[error("binding {what} listener to {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -68,18 +69,49 @@ pub struct IdentityArgs {
     /// Mesh CA certificate (PEM).
     #[arg(long, env = "MINIMESH_CA")]
     pub ca: PathBuf,
-    /// This proxy's certificate (PEM); reloaded when it changes.
-    #[arg(long, env = "MINIMESH_CERT")]
-    pub cert: PathBuf,
+    /// This proxy's certificate (PEM); reloaded when it changes. Not needed
+    /// with --identity-addr.
+    #[arg(long, env = "MINIMESH_CERT", required_unless_present = "identity_addr")]
+    pub cert: Option<PathBuf>,
     /// This proxy's private key (PEM); reloaded when it changes.
-    #[arg(long, env = "MINIMESH_KEY")]
-    pub key: PathBuf,
+    #[arg(long, env = "MINIMESH_KEY", required_unless_present = "identity_addr")]
+    pub key: Option<PathBuf>,
+    /// The identity issuer (`https://host:port`): the proxy makes its key in
+    /// memory and gets its certificate there, renewed before it expires.
+    #[arg(long, env = "MINIMESH_IDENTITY_ADDR")]
+    pub identity_addr: Option<String>,
+    /// The issuer's TLS name (default: the host of --identity-addr).
+    #[arg(long, env = "MINIMESH_IDENTITY_SERVER_NAME")]
+    pub identity_server_name: Option<String>,
+    /// Kubernetes: the projected ServiceAccount token that proves this proxy's identity.
+    #[arg(long, env = "MINIMESH_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<PathBuf>,
+    /// Local: the one-time token `minimesh up` gives this proxy.
+    #[arg(long, env = minimesh_identity::bootstrap::TOKEN_ENV, hide_env_values = true)]
+    pub bootstrap_token: Option<String>,
     /// Trust domain of mesh identities (default minimesh.local).
     #[arg(long, env = "MINIMESH_TRUST_DOMAIN")]
     pub trust_domain: Option<String>,
     /// Namespace of mesh identities (default "default").
     #[arg(long, env = "MINIMESH_NAMESPACE")]
     pub namespace: Option<String>,
+}
+
+impl IdentityArgs {
+    /// Credentials from files, default naming.
+    pub fn from_files(ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        Self {
+            ca,
+            cert: Some(cert),
+            key: Some(key),
+            identity_addr: None,
+            identity_server_name: None,
+            identity_token_file: None,
+            bootstrap_token: None,
+            trust_domain: None,
+            namespace: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -125,6 +157,15 @@ pub struct GatewayArgs {
     /// Upstream that answers reflection and health calls.
     #[arg(long, env = "MINIMESH_DEFAULT_UPSTREAM", default_value = "user")]
     pub default_upstream: String,
+    /// Services callers outside the mesh may reach; calls to other mesh
+    /// services get PERMISSION_DENIED (reflection and health stay reachable).
+    #[arg(
+        long,
+        env = "MINIMESH_EXPOSE",
+        value_delimiter = ',',
+        default_value = "user,order"
+    )]
+    pub expose: Vec<String>,
     /// YAML or JSON file with the same settings; flags win.
     #[arg(long, env = "MINIMESH_CONFIG")]
     pub config: Option<PathBuf>,
@@ -182,7 +223,7 @@ fn naming(identity: &IdentityArgs, file: &FileConfig) -> (String, String) {
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, SidecarError> {
-    let listener = TcpListener::bind(addr)
+    let listener = minimesh_runtime::listen::bind(addr)
         .await
         .map_err(|source| SidecarError::Bind {
             what,
@@ -234,6 +275,10 @@ fn upstreams(
     Ok((out, policy))
 }
 
+fn upstream_names(traffic: &TrafficArgs, file: &FileConfig) -> Result<Vec<String>, SidecarError> {
+    Ok(traffic.upstreams(file)?.into_keys().collect())
+}
+
 /// Runs the sidecar until `shutdown` resolves, then drains.
 pub async fn run_sidecar(
     args: SidecarArgs,
@@ -264,16 +309,16 @@ pub async fn run_sidecar(
         )?;
         return Ok(());
     }
-    let tls = Reloader::start(
-        TlsFiles {
-            ca: args.identity.ca.clone(),
-            cert: args.identity.cert.clone(),
-            key: args.identity.key.clone(),
-        },
-        TLS_POLL,
-    )?;
+    let metrics = Metrics::new("sidecar", &service, &upstream_names(&args.traffic, &file)?);
+    let tls = crate::identity::credentials(
+        &args.identity,
+        &service,
+        &trust_domain,
+        &namespace,
+        &metrics,
+    )
+    .await?;
     tracing::info!(identity = %tls.current().identity(), %service, "sidecar identity loaded");
-    let metrics = Metrics::new();
     let allow_entries = if args.allow.is_empty() {
         file.allow.clone()
     } else {
@@ -328,6 +373,8 @@ pub async fn run_sidecar(
         default_upstream: None,
         metrics: metrics.clone(),
         span_kind: SpanKind::Client,
+        client_id: service.clone(),
+        expose: None,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let inbound_task = tokio::spawn(serve_mesh(
@@ -361,16 +408,16 @@ pub async fn run_gateway(
         print_resolved(None, &trust_domain, &namespace, None, &args.traffic, &file)?;
         return Ok(());
     }
-    let tls = Reloader::start(
-        TlsFiles {
-            ca: args.identity.ca.clone(),
-            cert: args.identity.cert.clone(),
-            key: args.identity.key.clone(),
-        },
-        TLS_POLL,
-    )?;
+    let metrics = Metrics::new("gateway", "gateway", &upstream_names(&args.traffic, &file)?);
+    let tls = crate::identity::credentials(
+        &args.identity,
+        "gateway",
+        &trust_domain,
+        &namespace,
+        &metrics,
+    )
+    .await?;
     tracing::info!(identity = %tls.current().identity(), "gateway identity loaded");
-    let metrics = Metrics::new();
     let (upstreams, _) = upstreams(
         &args.traffic,
         &file,
@@ -386,6 +433,14 @@ pub async fn run_gateway(
         default_upstream: Some(args.default_upstream.clone()),
         metrics: metrics.clone(),
         span_kind: SpanKind::Server,
+        client_id: "gateway".to_owned(),
+        expose: Some(
+            args.expose
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ),
     });
     let ready: ReadyCheck = {
         let state = state.clone();
@@ -525,7 +580,7 @@ fn finish(
     span: Span,
     metrics: Arc<Metrics>,
     direction: &'static str,
-    path: String,
+    labels: (CallName, String),
     started: Instant,
 ) -> Response<ProxyBody> {
     let known = grpc_status(response.headers());
@@ -540,7 +595,8 @@ fn finish(
     response.map(move |body| {
         boxed(Observed::new(body, known, move |code| {
             record_status(&span, code as i32, None);
-            metrics.request_done(direction, &path, code, started.elapsed());
+            let (name, client_id) = &labels;
+            metrics.request_done(direction, name, client_id, code, started.elapsed());
             drop(span);
         }))
     })
@@ -566,6 +622,16 @@ async fn handle_inbound(
     if let Some(caller) = &caller {
         span.record("minimesh.peer.identity", tracing::field::display(caller));
     }
+    // Refused calls are counted under one name: their paths are the caller's to choose.
+    let admitted = caller.as_ref().is_some_and(|c| state.allow.allows(c));
+    let labels = (
+        if admitted {
+            CallName::of(&path)
+        } else {
+            CallName::unrouted()
+        },
+        caller.as_ref().map_or_else(String::new, |c| c.name.clone()),
+    );
     let response = async {
         let Some(caller) = caller else {
             return grpc_error(
@@ -615,7 +681,7 @@ async fn handle_inbound(
         span,
         state.metrics.clone(),
         INBOUND,
-        path,
+        labels,
         started,
     )
 }
@@ -625,6 +691,10 @@ struct OutboundState {
     default_upstream: Option<String>,
     metrics: Arc<Metrics>,
     span_kind: SpanKind,
+    /// This proxy's own identity name, the `client_id` of its outbound calls.
+    client_id: String,
+    /// At the edge: the upstreams callers may reach by name (None: all).
+    expose: Option<BTreeSet<String>>,
 }
 
 async fn handle_outbound(
@@ -636,6 +706,16 @@ async fn handle_outbound(
     let span = proxy_span(state.span_kind, "outbound", &path);
     continue_trace(&span, request.headers());
     record_ids(&span);
+    let routed = upstream_for(&path, state.default_upstream.as_deref())
+        .is_some_and(|name| state.upstreams.contains_key(name));
+    let labels = (
+        if routed {
+            CallName::of(&path)
+        } else {
+            CallName::unrouted()
+        },
+        state.client_id.clone(),
+    );
     let response = async {
         let Some(name) = upstream_for(&path, state.default_upstream.as_deref()) else {
             return grpc_error(
@@ -648,11 +728,26 @@ async fn handle_outbound(
         };
         let Some(upstream) = state.upstreams.get(name) else {
             return grpc_error(
-                Code::Unavailable,
-                &format!("no upstream named {name} is configured"),
+                Code::Unimplemented,
+                &format!("no route for {path}: no upstream named {name} is configured"),
                 false,
             );
         };
+        let by_default =
+            state.default_upstream.as_deref() == Some(name) && !path.starts_with("/shop.");
+        if let Some(exposed) = &state.expose
+            && !exposed.contains(name)
+            && !by_default
+        {
+            return grpc_error(
+                Code::PermissionDenied,
+                &format!(
+                    "the {name} service is not exposed outside the mesh (exposed: {})",
+                    exposed.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+                false,
+            );
+        }
         Span::current().record("minimesh.upstream", name);
         let deadline = Deadline::from_headers(request.headers());
         if deadline.is_some_and(|d| d.expired()) {
@@ -676,7 +771,7 @@ async fn handle_outbound(
         span,
         state.metrics.clone(),
         OUTBOUND,
-        path,
+        labels,
         started,
     )
 }

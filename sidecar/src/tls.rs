@@ -15,6 +15,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -80,21 +81,54 @@ impl std::fmt::Debug for TlsConfigs {
 
 impl TlsConfigs {
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for ca in read_certs(&files.ca)? {
-            roots.add(ca)?;
-        }
-        let roots = Arc::new(roots);
-        let chain = read_certs(&files.cert)?;
         let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
             path: files.key.clone(),
             message: e.to_string(),
         })?;
-        let identity = spiffe_id_of(&chain[0])?;
+        Self::from_parts(read_certs(&files.ca)?, read_certs(&files.cert)?, key)
+    }
 
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    /// From PEM held in memory (a certificate from the identity issuer).
+    pub fn from_pem(ca_pem: &[u8], chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        let parse = |what: &str, pem: &[u8]| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Read {
+                    path: PathBuf::from(what),
+                    message: e.to_string(),
+                })?;
+            if certs.is_empty() {
+                return Err(TlsError::NoCertificate(PathBuf::from(what)));
+            }
+            Ok(certs)
+        };
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Read {
+            path: PathBuf::from("(issued key)"),
+            message: e.to_string(),
+        })?;
+        Self::from_parts(
+            parse("(trust anchor)", ca_pem)?,
+            parse("(issued certificate)", chain_pem)?,
+            key,
+        )
+    }
+
+    fn from_parts(
+        anchors: Vec<CertificateDer<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in anchors {
+            roots.add(ca)?;
+        }
+        let roots = Arc::new(roots);
+        let identity = spiffe_id_of(&chain[0])?;
+        let verifier = Arc::new(SpiffeClientVerifier {
+            inner: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?,
+        });
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -108,6 +142,11 @@ impl TlsConfigs {
             server: Arc::new(server),
             clients: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// When this proxy's certificate expires, in seconds since the epoch.
+    pub fn expires_at_unix(&self) -> Option<i64> {
+        minimesh_certs::not_after_unix(&self.chain[0]).ok()
     }
 
     pub fn identity(&self) -> &SpiffeId {
@@ -212,15 +251,72 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// Chain verification by webpki, then the SPIFFE rule: the client
+/// certificate carries exactly one URI SAN and it is a well-formed SPIFFE id.
+/// Anything else fails the handshake (and is counted as a TLS failure).
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match spiffe_id_of(end_entity) {
+            Ok(_) => Ok(verified),
+            Err(err) => {
+                tracing::info!(%err, "client certificate carries no valid SPIFFE identity");
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// The caller's identity, read from its client certificate after the handshake.
 pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
     let certs = conn.peer_certificates()?;
     spiffe_id_of(certs.first()?).ok()
 }
 
-/// Current credentials, re-read when any of the files changes.
+/// Current credentials: re-read when any of the files changes, or replaced
+/// by whoever renews them (the identity issuer's client).
 pub struct Reloader {
-    files: TlsFiles,
+    files: Option<TlsFiles>,
     current: RwLock<Arc<TlsConfigs>>,
 }
 
@@ -242,12 +338,12 @@ impl Reloader {
     /// every `poll` from then on.
     pub fn start(files: TlsFiles, poll: Duration) -> Result<Arc<Self>, TlsError> {
         let configs = TlsConfigs::load(&files)?;
+        let mut last = stamp(&files);
         let reloader = Arc::new(Self {
-            files,
+            files: Some(files.clone()),
             current: RwLock::new(Arc::new(configs)),
         });
         let weak = Arc::downgrade(&reloader);
-        let mut last = stamp(&reloader.files);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(poll);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -256,11 +352,11 @@ impl Reloader {
                 let Some(reloader) = weak.upgrade() else {
                     return;
                 };
-                let now = stamp(&reloader.files);
+                let now = stamp(&files);
                 if now == last {
                     continue;
                 }
-                match TlsConfigs::load(&reloader.files) {
+                match TlsConfigs::load(&files) {
                     Ok(configs) => {
                         tracing::info!(identity = %configs.identity(), "certificates reloaded");
                         *reloader.current.write().unwrap_or_else(|p| p.into_inner()) =
@@ -275,6 +371,24 @@ impl Reloader {
             }
         });
         Ok(reloader)
+    }
+
+    /// Credentials that change only through [`Reloader::replace`].
+    pub fn fixed(configs: TlsConfigs) -> Arc<Self> {
+        Arc::new(Self {
+            files: None,
+            current: RwLock::new(Arc::new(configs)),
+        })
+    }
+
+    /// New handshakes use `configs` from now on; open connections keep theirs.
+    pub fn replace(&self, configs: TlsConfigs) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(configs);
+    }
+
+    /// Whether the credentials come from files.
+    pub fn from_files(&self) -> bool {
+        self.files.is_some()
     }
 
     pub fn current(&self) -> Arc<TlsConfigs> {

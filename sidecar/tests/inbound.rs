@@ -71,13 +71,7 @@ async fn start_sidecar() -> Fixture {
         allow: vec!["order".into()],
         config: None,
         check_config: false,
-        identity: IdentityArgs {
-            ca: ca.join("ca.pem"),
-            cert,
-            key,
-            trust_domain: None,
-            namespace: None,
-        },
+        identity: IdentityArgs::from_files(ca.join("ca.pem"), cert, key),
         traffic: Default::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
@@ -350,6 +344,61 @@ async fn handshakes_without_a_valid_mesh_certificate_are_refused_and_counted() {
     assert_eq!(status, ServingStatus::Serving);
 }
 
+/// A leaf from the mesh CA with exactly the given URI SANs (and a DNS name).
+fn leaf_with_uris(ca_dir: &Path, uris: &[&str]) -> (Vec<u8>, Vec<u8>) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let mut params = CertificateParams::new(vec!["order".to_owned()]).unwrap();
+    for uri in uris {
+        params
+            .subject_alt_names
+            .push(SanType::URI((*uri).try_into().unwrap()));
+    }
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+}
+
+#[tokio::test]
+async fn mesh_certificates_without_exactly_one_spiffe_id_are_refused_and_counted() {
+    let f = start_sidecar().await;
+    let ca_pem = f.ca().join("ca.pem");
+    let _app = start_app(f.app).await;
+    let order = "spiffe://minimesh.local/ns/default/sa/order";
+    let cases: [&[&str]; 4] = [
+        &[],
+        &[order, "spiffe://minimesh.local/ns/default/sa/gateway"],
+        &["spiffe://minimesh.local/ns/default/sa/order?admin=1"],
+        &["https://minimesh.local/ns/default/sa/order"],
+    ];
+    for (n, uris) in cases.iter().enumerate() {
+        let client = client_config(&ca_pem, Some(leaf_with_uris(&f.ca(), uris)));
+        assert!(
+            handshake(f.inbound, client).await.is_err(),
+            "{uris:?} must be refused"
+        );
+        eventually("refusal counted", || async {
+            (tls_failures(f.admin).await == n as u64 + 1).then_some(())
+        })
+        .await;
+    }
+    // Exactly one well-formed SPIFFE id from the mesh CA is an identity.
+    let client = client_config(&ca_pem, Some(leaf_with_uris(&f.ca(), &[order])));
+    let status = grpc_health(f.inbound, client).await.unwrap();
+    assert_eq!(status, ServingStatus::Serving);
+    assert_eq!(tls_failures(f.admin).await, cases.len() as u64);
+}
+
 #[tokio::test]
 async fn callers_outside_the_allow_list_get_permission_denied_naming_them() {
     let f = start_sidecar().await;
@@ -374,11 +423,13 @@ async fn callers_outside_the_allow_list_get_permission_denied_naming_them() {
     assert_eq!(ok, ServingStatus::Serving);
 
     let (_, metrics) = http_get(f.admin, "/metrics").await.unwrap();
-    for status in ["7", "0"] {
-        let series = format!(
-            "minimesh_requests_total{{direction=\"inbound\",service=\"grpc.health.v1.Health\",method=\"Check\",grpc_status=\"{status}\"}}"
-        );
-        assert_eq!(counter(&metrics, &series), 1, "{series} in\n{metrics}");
+    // A refused call is counted under one name (its path is the caller's to
+    // choose), labelled with who was refused; the allowed one by its method.
+    for series in [
+        r#"minimesh_requests_total{direction="inbound",service="unrouted",method="unrouted",grpc_status="7",client_id="stranger"}"#,
+        r#"minimesh_requests_total{direction="inbound",service="grpc.health.v1.Health",method="Check",grpc_status="0",client_id="order"}"#,
+    ] {
+        assert_eq!(counter(&metrics, series), 1, "{series} in\n{metrics}");
     }
 }
 

@@ -99,13 +99,7 @@ struct Pair {
 
 fn identity(dir: &Path, name: &str) -> IdentityArgs {
     let (cert, key) = issue(&dir.join("ca"), &LeafRequest::new(name), &dir.join(name)).unwrap();
-    IdentityArgs {
-        ca: dir.join("ca/ca.pem"),
-        cert,
-        key,
-        trust_domain: None,
-        namespace: None,
-    }
+    IdentityArgs::from_files(dir.join("ca/ca.pem"), cert, key)
 }
 
 fn spawn_sidecar(args: SidecarArgs, stops: &mut Vec<oneshot::Sender<()>>) {

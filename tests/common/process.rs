@@ -29,6 +29,16 @@ pub async fn start_mesh(data_dir: &Path, extra: &[&str]) -> Mesh {
 }
 
 pub async fn start_mesh_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Mesh {
+    spawn_mesh(data_dir, extra, env, Stdio::inherit()).await
+}
+
+/// Like [`start_mesh`], with `up`'s own stderr written to `stderr_file`.
+pub async fn start_mesh_logged(data_dir: &Path, extra: &[&str], stderr_file: &Path) -> Mesh {
+    let file = std::fs::File::create(stderr_file).expect("create stderr file");
+    spawn_mesh(data_dir, extra, &[], Stdio::from(file)).await
+}
+
+async fn spawn_mesh(data_dir: &Path, extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Mesh {
     let mut child = Command::new(env!("CARGO_BIN_EXE_minimesh"))
         .envs(env.iter().copied())
         .arg("up")
@@ -39,7 +49,7 @@ pub async fn start_mesh_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, 
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .expect("start minimesh up");
@@ -80,6 +90,16 @@ impl Mesh {
             .filter(|i| i["service"] == service)
             .cloned()
             .collect()
+    }
+
+    /// The gateway's h2c URL.
+    pub fn gateway_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.mesh_json()["gateway"]["addr"]
+                .as_str()
+                .expect("gateway addr")
+        )
     }
 
     pub fn app_url(&self, service: &str) -> String {
@@ -142,6 +162,50 @@ pub async fn health_serving(url: &str) -> bool {
         HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await,
         Ok(r) if r.get_ref().status == ServingStatus::Serving as i32
     )
+}
+
+/// Service names listed by server reflection v1alpha (what grpcurl 1.8 speaks).
+pub async fn reflected_services_v1alpha(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect reflection");
+    let mut client = ServerReflectionClient::new(channel);
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let describe = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "grpc.reflection.v1.ServerReflection".to_owned(),
+        )),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([list, describe]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let listed = responses.message().await.expect("answer").expect("one");
+    let described = responses.message().await.expect("answer").expect("two");
+    assert!(
+        matches!(
+            described.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        "v1 reflection is described through v1alpha: {described:?}"
+    );
+    match listed.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
 }
 
 /// Service names listed by server reflection (v1).

@@ -18,6 +18,11 @@ pub enum DbError {
     Task(String),
     #[error("database connection lock poisoned")]
     Poisoned,
+    #[error("waiting for another process to finish opening {path}: {source}")]
+    InitLock {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("migration {version} failed: {source}")]
     Migration {
         version: usize,
@@ -37,7 +42,13 @@ pub struct Db {
 impl Db {
     /// Opens (creating if needed) the database at `path` and applies every
     /// migration not applied yet. `migrations[i]` becomes schema version i+1.
+    ///
+    /// Replicas starting together take turns: opening sets up WAL and runs
+    /// migrations, which SQLite may refuse with SQLITE_BUSY without waiting
+    /// on its busy handler, so one process at a time does it, under an
+    /// advisory lock on `<path>.init-lock`.
     pub fn open(path: &Path, migrations: &[&str]) -> Result<Self, DbError> {
+        let _turn = InitLock::take(path)?;
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -101,6 +112,47 @@ impl Db {
     }
 }
 
+/// One process at a time opens and migrates a database file.
+struct InitLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Longest wait for another process to open the same database.
+const INIT_WAIT: Duration = Duration::from_secs(30);
+
+impl InitLock {
+    fn take(db: &Path) -> Result<Self, DbError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let mut name = db.as_os_str().to_owned();
+        name.push(".init-lock");
+        let path = std::path::PathBuf::from(name);
+        let failed = |source: std::io::Error| DbError::InitLock {
+            path: db.display().to_string(),
+            source,
+        };
+        let deadline = std::time::Instant::now() + INIT_WAIT;
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(failed)?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(Self { _lock: lock }),
+                Err((_, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    // Blocking flock has no timeout; a stopped process
+                    // holding the lock must not hang this one forever.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((_, errno)) => return Err(failed(std::io::Error::from(errno))),
+            }
+        }
+    }
+}
+
 /// Applies migrations in order under an immediate transaction, so two
 /// replicas starting together do not both apply the same step.
 fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), DbError> {
@@ -154,6 +206,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn many_openers_of_one_new_file_take_turns() {
+        // Replicas starting together: each opens a fresh file, sets WAL and migrates.
+        for round in 0..100 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("race{round}.db"));
+            let openers: Vec<_> = (0..12)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || Db::open(&path, MIGRATIONS).map(|_| ()))
+                })
+                .collect();
+            for opener in openers {
+                opener.join().unwrap().expect("every opener succeeds");
+            }
+        }
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! The small runtime every minimesh service shares.
 
 pub mod db;
+pub mod exposition;
 pub mod grpc;
+pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod page;

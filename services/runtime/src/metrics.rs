@@ -1,6 +1,7 @@
 //! Prometheus metrics of a service process, served over HTTP/1.1 at
 //! `/metrics` (with `/live` for probes) on their own listener.
 
+use crate::exposition::Format;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -30,6 +31,7 @@ impl ServiceMetrics {
         let mut registry = Registry::default();
         let outcomes = Family::<StatusLabel, Counter>::default();
         registry.register(outcome_name, help, outcomes.clone());
+        crate::telemetry::register_span_counters(&mut registry);
         Arc::new(Self { registry, outcomes })
     }
 
@@ -41,39 +43,22 @@ impl ServiceMetrics {
             .inc();
     }
 
-    /// The Prometheus text exposition of every series.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        // Span counters live in the telemetry module as plain atomics.
-        out.push_str(
-            "# HELP minimesh_spans_exported_total Spans delivered to the OTLP collector.\n",
-        );
-        out.push_str("# TYPE minimesh_spans_exported_total counter\n");
-        out.push_str(&format!(
-            "minimesh_spans_exported_total {}\n",
-            crate::telemetry::exported_spans()
-        ));
-        out.push_str("# HELP minimesh_spans_dropped_total Spans lost because the OTLP collector could not be reached.\n");
-        out.push_str("# TYPE minimesh_spans_dropped_total counter\n");
-        out.push_str(&format!(
-            "minimesh_spans_dropped_total {}\n",
-            crate::telemetry::dropped_spans()
-        ));
-        out.push_str("# EOF\n");
-        out
+    /// Every series, in the format the scraper asked for.
+    pub fn render(&self, format: Format) -> String {
+        crate::exposition::encode(&[&self.registry], format)
     }
 }
 
 fn respond(metrics: &ServiceMetrics, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
-        ),
+        (&Method::GET, "/metrics") => {
+            let format = Format::negotiate(request.headers().get(http::header::ACCEPT));
+            (
+                StatusCode::OK,
+                format.content_type(),
+                metrics.render(format),
+            )
+        }
         (&Method::GET, "/live") => (StatusCode::OK, "text/plain", "live\n".to_owned()),
         _ => (
             StatusCode::NOT_FOUND,
@@ -104,7 +89,7 @@ pub async fn listen(
     metrics: Arc<ServiceMetrics>,
 ) -> Result<Option<AbortOnDrop>, MetricsError> {
     let Some(addr) = addr else { return Ok(None) };
-    let listener = TcpListener::bind(addr)
+    let listener = crate::listen::bind(addr)
         .await
         .map_err(|source| MetricsError {
             addr: addr.to_owned(),

@@ -11,16 +11,20 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use std::io::IsTerminal;
+use std::sync::LazyLock;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Spans that could not be exported (collector down or slow).
-static DROPPED_SPANS: AtomicU64 = AtomicU64::new(0);
+static DROPPED_SPANS: LazyLock<Counter> = LazyLock::new(Counter::default);
 /// Spans exported successfully.
-static EXPORTED_SPANS: AtomicU64 = AtomicU64::new(0);
+static EXPORTED_SPANS: LazyLock<Counter> = LazyLock::new(Counter::default);
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether spans go anywhere: an OTLP endpoint was configured.
@@ -29,11 +33,26 @@ pub fn exporting() -> bool {
 }
 
 pub fn dropped_spans() -> u64 {
-    DROPPED_SPANS.load(Ordering::Relaxed)
+    DROPPED_SPANS.get()
 }
 
 pub fn exported_spans() -> u64 {
-    EXPORTED_SPANS.load(Ordering::Relaxed)
+    EXPORTED_SPANS.get()
+}
+
+/// Adds the trace pipeline's counters (`minimesh_spans_exported_total`,
+/// `minimesh_spans_dropped_total`) to a process's registry.
+pub fn register_span_counters(registry: &mut Registry) {
+    registry.register(
+        "minimesh_spans_exported",
+        "Spans delivered to the OTLP collector",
+        EXPORTED_SPANS.clone(),
+    );
+    registry.register(
+        "minimesh_spans_dropped",
+        "Spans lost because the OTLP collector could not be reached",
+        DROPPED_SPANS.clone(),
+    );
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +62,43 @@ pub enum TelemetryError {
         endpoint: String,
         source: opentelemetry_otlp::ExporterBuildError,
     },
+}
+
+/// How log lines are written: `text` for people, `json` for machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// Text on a terminal, JSON otherwise (files, pipes, log collectors).
+    pub fn for_stdout() -> Self {
+        if std::io::stdout().is_terminal() {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        match raw {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("log format {other:?} is neither text nor json")),
+        }
+    }
 }
 
 /// Flushes and stops the trace pipeline; call before the process exits so
@@ -70,8 +126,8 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
         let len = batch.len() as u64;
         let result = self.0.export(batch).await;
         match &result {
-            Ok(()) => EXPORTED_SPANS.fetch_add(len, Ordering::Relaxed),
-            Err(_) => DROPPED_SPANS.fetch_add(len, Ordering::Relaxed),
+            Ok(()) => EXPORTED_SPANS.inc_by(len),
+            Err(_) => DROPPED_SPANS.inc_by(len),
         };
         result
     }
@@ -94,17 +150,30 @@ pub fn init(
     default_name: &str,
     otlp_endpoint: Option<&str>,
     attributes: Vec<KeyValue>,
+    log_format: LogFormat,
 ) -> Result<Telemetry, TelemetryError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer()
-        .json()
-        .with_current_span(true)
-        .with_span_list(false)
-        .fmt_fields(LogSpanFields);
+    let (json, text) = match log_format {
+        LogFormat::Json => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .fmt_fields(LogSpanFields),
+            ),
+            None,
+        ),
+        LogFormat::Text => (
+            None,
+            Some(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal())),
+        ),
+    };
     let Some(endpoint) = otlp_endpoint.filter(|e| !e.is_empty()) else {
         let _ = tracing_subscriber::registry()
             .with(filter)
-            .with(fmt)
+            .with(json)
+            .with(text)
             .try_init();
         return Ok(Telemetry { provider: None });
     };
@@ -137,7 +206,8 @@ pub fn init(
     EXPORTING.store(true, Ordering::Relaxed);
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(fmt)
+        .with(json)
+        .with(text)
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .try_init();
     Ok(Telemetry {
