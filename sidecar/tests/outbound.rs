@@ -383,7 +383,7 @@ async fn a_per_try_timeout_moves_the_call_to_another_endpoint() {
 }
 
 #[tokio::test]
-async fn a_per_try_timeout_without_time_left_answers_deadline_exceeded() {
+async fn a_per_try_timeout_with_no_other_endpoint_left_answers_deadline_exceeded() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let pair = start_replicas(
         &[
