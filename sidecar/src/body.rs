@@ -42,6 +42,7 @@ fn encode_message(message: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Code {
+    InvalidArgument = 3,
     Unimplemented = 12,
     Unavailable = 14,
     DeadlineExceeded = 4,

@@ -17,9 +17,11 @@ pub mod body;
 pub mod client;
 pub mod config;
 pub mod identity;
+pub mod listener;
 pub mod metrics;
 pub mod route;
 pub mod server;
+pub mod strict;
 pub mod tls;
 pub mod upstream;
 

@@ -13,6 +13,7 @@ use crate::authz::{AllowList, denial};
 use crate::body::{Code, Observed, ProxyBody, boxed, grpc_error, grpc_status};
 use crate::client::{Connection, Transport};
 use crate::config::{ConfigError, FileConfig, TrafficArgs};
+use crate::listener::{CallGuard, Limits, accept_loop, serve_h2};
 use crate::metrics::{CallName, INBOUND, Metrics, OUTBOUND};
 use crate::route::upstream_for;
 use crate::tls::{Reloader, TlsError, peer_identity};
@@ -20,10 +21,8 @@ use crate::upstream::{CallReport, TrafficPolicy, Upstream};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use minimesh_certs::SpiffeId;
 use minimesh_runtime::trace::{continue_trace, inject_trace, record_ids, record_status};
-use minimesh_traffic::deadline::Deadline;
 use minimesh_traffic::discover::{self, HostsFileResolver, Resolve, SystemResolver};
 use minimesh_traffic::retry::MethodKinds;
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,7 +37,6 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field::Empty};
 
 /// How long in-flight calls may run on after shutdown begins.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +142,8 @@ pub struct SidecarArgs {
     pub identity: IdentityArgs,
     #[command(flatten)]
     pub traffic: TrafficArgs,
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -176,6 +176,8 @@ pub struct GatewayArgs {
     pub identity: IdentityArgs,
     #[command(flatten)]
     pub traffic: TrafficArgs,
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 /// Which methods take a single request message, from the shop descriptors.
@@ -379,12 +381,15 @@ pub async fn run_sidecar(
     let (stop_tx, stop_rx) = watch::channel(false);
     let inbound_task = tokio::spawn(serve_mesh(
         inbound_listener,
+        args.limits,
         tls.clone(),
         inbound,
         stop_rx.clone(),
     ));
     let outbound_task = tokio::spawn(serve_plain(
+        "outbound",
         outbound_listener,
+        args.limits,
         outbound,
         metrics.clone(),
         stop_rx,
@@ -465,7 +470,14 @@ pub async fn run_gateway(
     };
     let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(serve_plain(listener, state, metrics, stop_rx));
+    let task = tokio::spawn(serve_plain(
+        "gateway",
+        listener,
+        args.limits,
+        state,
+        metrics,
+        stop_rx,
+    ));
     shutdown.await;
     tracing::info!("draining");
     let _ = stop_tx.send(true);
@@ -582,6 +594,7 @@ fn finish(
     direction: &'static str,
     labels: (CallName, String),
     started: Instant,
+    call: CallGuard,
 ) -> Response<ProxyBody> {
     let known = grpc_status(response.headers());
     if let Some(code) = known {
@@ -598,6 +611,7 @@ fn finish(
             let (name, client_id) = &labels;
             metrics.request_done(direction, name, client_id, code, started.elapsed());
             drop(span);
+            drop(call);
         }))
     })
 }
@@ -613,6 +627,7 @@ async fn handle_inbound(
     state: Arc<InboundState>,
     caller: Option<SpiffeId>,
     request: Request<Incoming>,
+    call: CallGuard,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let path = request.uri().path().to_owned();
@@ -648,7 +663,10 @@ async fn handle_inbound(
                 false,
             );
         }
-        let deadline = Deadline::from_headers(request.headers());
+        let deadline = match crate::strict::check(&request) {
+            Ok(deadline) => deadline,
+            Err(refusal) => return *refusal,
+        };
         if deadline.is_some_and(|d| d.expired()) {
             return grpc_error(
                 Code::DeadlineExceeded,
@@ -683,6 +701,7 @@ async fn handle_inbound(
         INBOUND,
         labels,
         started,
+        call,
     )
 }
 
@@ -700,6 +719,7 @@ struct OutboundState {
 async fn handle_outbound(
     state: Arc<OutboundState>,
     request: Request<Incoming>,
+    call: CallGuard,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let path = request.uri().path().to_owned();
@@ -749,7 +769,10 @@ async fn handle_outbound(
             );
         }
         Span::current().record("minimesh.upstream", name);
-        let deadline = Deadline::from_headers(request.headers());
+        let deadline = match crate::strict::check(&request) {
+            Ok(deadline) => deadline,
+            Err(refusal) => return *refusal,
+        };
         if deadline.is_some_and(|d| d.expired()) {
             return grpc_error(Code::DeadlineExceeded, "deadline already exceeded", false);
         }
@@ -773,6 +796,7 @@ async fn handle_outbound(
         OUTBOUND,
         labels,
         started,
+        call,
     )
 }
 
@@ -788,38 +812,17 @@ fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     builder
 }
 
-async fn drain(graceful: GracefulShutdown) {
-    if tokio::time::timeout(DRAIN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("calls still running after the drain grace period; closing");
-    }
-}
-
 async fn serve_mesh(
     listener: TcpListener,
+    limits: Limits,
     tls: Arc<Reloader>,
     state: Arc<InboundState>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(err) => {
-                    tracing::warn!(%err, "inbound accept failed");
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
-        let _ = tcp.set_nodelay(true);
+    accept_loop("inbound", listener, limits, stop, move |tcp, connection| {
         let state = state.clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().server());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
@@ -835,56 +838,41 @@ async fn serve_mesh(
             };
             let _guard = state.metrics.connection(INBOUND);
             let caller = peer_identity(stream.get_ref().1);
+            let activity = connection.activity.clone();
             let service = hyper::service::service_fn(move |request| {
                 let (state, caller) = (state.clone(), caller.clone());
                 // Boxed: hyper moves each stream's future into a task of its
                 // own, and a large future costs a memcpy at every move.
-                let call = Box::pin(handle_inbound(state, caller, request));
+                let call = Box::pin(handle_inbound(state, caller, request, activity.call()));
                 async move { Ok::<_, std::convert::Infallible>(call.await) }
             });
-            let connection = h2_server().serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = watcher.watch(connection).await {
-                tracing::debug!(%err, "inbound connection ended");
-            }
-        });
-    }
-    drain(graceful).await;
+            serve_h2(&h2_server(), TokioIo::new(stream), service, connection).await;
+        }
+    })
+    .await;
 }
 
 async fn serve_plain(
+    what: &'static str,
     listener: TcpListener,
+    limits: Limits,
     state: Arc<OutboundState>,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(err) => {
-                    tracing::warn!(%err, "accept failed");
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
-        let _ = tcp.set_nodelay(true);
+    accept_loop(what, listener, limits, stop, move |tcp, connection| {
         let state = state.clone();
         let metrics = metrics.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        async move {
             let _guard = metrics.connection(INBOUND);
+            let activity = connection.activity.clone();
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
-                let call = Box::pin(handle_outbound(state, request));
+                let call = Box::pin(handle_outbound(state, request, activity.call()));
                 async move { Ok::<_, std::convert::Infallible>(call.await) }
             });
-            let connection = h2_server().serve_connection(TokioIo::new(tcp), service);
-            if let Err(err) = watcher.watch(connection).await {
-                tracing::debug!(%err, "connection ended");
-            }
-        });
-    }
-    drain(graceful).await;
+            serve_h2(&h2_server(), TokioIo::new(tcp), service, connection).await;
+        }
+    })
+    .await;
 }

@@ -73,6 +73,7 @@ async fn start_sidecar() -> Fixture {
         check_config: false,
         identity: IdentityArgs::from_files(ca.join("ca.pem"), cert, key),
         traffic: Default::default(),
+        limits: Default::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(run_sidecar(args, async move {

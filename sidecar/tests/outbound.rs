@@ -146,6 +146,7 @@ async fn start_replicas(
                 check_config: false,
                 identity: identity(dir.path(), "payment"),
                 traffic: TrafficArgs::default(),
+                limits: Default::default(),
             },
             &mut stops,
         );
@@ -164,6 +165,7 @@ async fn start_replicas(
             check_config: false,
             identity: identity(dir.path(), "order"),
             traffic: traffic(&inbounds),
+            limits: Default::default(),
         },
         &mut stops,
     );

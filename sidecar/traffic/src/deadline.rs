@@ -71,6 +71,20 @@ impl Deadline {
         headers.get(HEADER).and_then(parse).map(Self::after)
     }
 
+    /// The caller's deadline, None without one; a malformed `grpc-timeout`
+    /// is an error naming the value, never silently no deadline.
+    pub fn try_from_headers(headers: &http::HeaderMap) -> Result<Option<Self>, String> {
+        match headers.get(HEADER) {
+            None => Ok(None),
+            Some(value) => parse(value).map(|t| Some(Self::after(t))).ok_or_else(|| {
+                format!(
+                    "malformed grpc-timeout {:?}: expected 1 to 8 digits and a unit (H, M, S, m, u, n)",
+                    String::from_utf8_lossy(value.as_bytes())
+                )
+            }),
+        }
+    }
+
     pub fn remaining(&self) -> Duration {
         self.at
             .saturating_duration_since(tokio::time::Instant::now())

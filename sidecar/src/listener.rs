@@ -1,0 +1,304 @@
+//! The one accept loop every proxy listener runs, with the limits that keep
+//! a listener alive under abuse: a cap on open connections, a deadline for
+//! a connection's first call (silent TCP, TLS without a preface, a preface
+//! and nothing else), an idle timeout once calls stop, and accept errors
+//! (e.g. out of file descriptors) backed off and logged at a bounded rate.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+/// How long calls still running may take once the proxy is told to stop.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How long a connection told to close may take to say goodbye.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one log line per this long about a failing or full listener.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Limits of one listener.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Limits {
+    /// Close a connection that has made no call this long after it opened
+    /// (silent TCP, TLS without HTTP/2, a preface and nothing else).
+    #[arg(long, env = "MINIMESH_FIRST_CALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub first_call_timeout: Duration,
+    /// Close a connection with no call in flight for this long.
+    #[arg(long, env = "MINIMESH_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub idle_timeout: Duration,
+    /// Open connections per listener; past it, new ones wait in the kernel's backlog.
+    #[arg(long, env = "MINIMESH_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            first_call_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Calls in flight on one connection, and when it last had one.
+#[derive(Debug)]
+pub struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    any_call: AtomicBool,
+    /// Milliseconds after `opened` when the last call ended.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            any_call: AtomicBool::new(false),
+            last_end_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// Marks a call in flight until the guard drops (its response ended or
+    /// was abandoned).
+    pub fn call(self: &Arc<Self>) -> CallGuard {
+        self.any_call.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        CallGuard(self.clone())
+    }
+
+    /// How long this connection has been without a call, and the limit that applies.
+    fn idle(&self, limits: &Limits) -> Option<(Duration, Duration)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let now = self.opened.elapsed();
+        if self.any_call.load(Ordering::Relaxed) {
+            let last = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
+            Some((now.saturating_sub(last), limits.idle_timeout))
+        } else {
+            Some((now, limits.first_call_timeout))
+        }
+    }
+
+    /// Resolves once the connection has been idle past its limit.
+    pub async fn expired(&self, limits: Limits) {
+        loop {
+            let wait = match self.idle(&limits) {
+                Some((idle, limit)) if idle >= limit => return,
+                Some((idle, limit)) => limit - idle,
+                None => limits.first_call_timeout.min(limits.idle_timeout),
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
+        }
+    }
+}
+
+/// One call in flight.
+#[derive(Debug)]
+pub struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_end_ms.fetch_max(ms, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a connection's task gets: its activity, the limits, and the stop signal.
+#[derive(Debug)]
+pub struct Connection {
+    pub activity: Arc<Activity>,
+    pub limits: Limits,
+    pub stop: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A log line at most every [`LOG_EVERY`], with how many were held back.
+#[derive(Debug, Default)]
+struct Throttled {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttled {
+    fn warn(&mut self, what: &str, err: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < LOG_EVERY)
+        {
+            self.held += 1;
+            return;
+        }
+        tracing::warn!(listener = what, %err, suppressed = self.held, "accept failed; backing off");
+        self.last = Some(now);
+        self.held = 0;
+    }
+}
+
+/// Accepts on `listener` until `stop` turns true, runs `serve` for each
+/// connection on its own task, then waits (at most [`DRAIN_GRACE`]) for
+/// those tasks to finish.
+pub async fn accept_loop<F, Fut>(
+    what: &'static str,
+    listener: TcpListener,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    serve: F,
+) where
+    F: Fn(TcpStream, Connection) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let tasks = TaskTracker::new();
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
+    let mut failures = Throttled::default();
+    let mut full = Throttled::default();
+    loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                full.warn(
+                    what,
+                    &format!("{} connections open, the limit", limits.max_connections),
+                );
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    backoff = ACCEPT_BACKOFF_FIRST;
+                    tcp
+                }
+                Err(err) => {
+                    // Out of file descriptors and the like: retrying at once
+                    // would spin; wait, and say so at a bounded rate.
+                    failures.warn(what, &err);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => break,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let connection = Connection {
+            activity: Activity::new(),
+            limits,
+            stop: stop.clone(),
+            _permit: permit,
+        };
+        tasks.spawn(serve(tcp, connection));
+    }
+    tasks.close();
+    if tokio::time::timeout(DRAIN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = what,
+            "calls still running after the drain grace period; closing"
+        );
+    }
+}
+
+/// Serves one HTTP/2 connection until it ends, closing it gracefully when
+/// the proxy stops or the connection has been idle past its limit.
+pub async fn serve_h2<I, S, B>(
+    builder: &hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    io: I,
+    service: S,
+    mut connection: Connection,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let activity = connection.activity.clone();
+    let limits = connection.limits;
+    let closing = tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%err, "connection ended");
+            }
+            return;
+        }
+        _ = connection.stop.changed() => DRAIN_GRACE,
+        _ = activity.expired(limits) => CLOSE_GRACE,
+    };
+    conn.as_mut().graceful_shutdown();
+    // A peer that never answers the GOAWAY's PING must not keep it open.
+    if tokio::time::timeout(closing, conn).await.is_err() {
+        tracing::debug!("connection did not close in time; dropped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_call_expires_after_the_first_call_timeout() {
+        let limits = Limits {
+            first_call_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 1,
+        };
+        let activity = Activity::new();
+        let started = Instant::now();
+        activity.expired(limits).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_in_flight_keep_it_open_and_idleness_counts_from_the_last_end() {
+        let limits = Limits {
+            first_call_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1,
+        };
+        let activity = Activity::new();
+        let call = activity.call();
+        let expired =
+            tokio::time::timeout(Duration::from_secs(120), activity.expired(limits)).await;
+        assert!(expired.is_err(), "a call in flight keeps the connection");
+        drop(call);
+        let ended = Instant::now();
+        activity.expired(limits).await;
+        let idle = ended.elapsed();
+        assert!(
+            idle >= Duration::from_secs(60) && idle < Duration::from_secs(61),
+            "{idle:?}"
+        );
+    }
+}

@@ -1,0 +1,417 @@
+//! The proxies under abuse, through real processes: silent and idle
+//! connections closed, a connection cap, an fd-exhausted gateway that backs
+//! off instead of spinning, and strict gRPC over HTTP/2.
+
+mod common;
+
+use common::process::*;
+use common::*;
+use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+fn gateway_addr(mesh: &Mesh) -> String {
+    mesh.mesh_json()["gateway"]["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits for the server to close `stream` (opened at `started`); returns
+/// how long after its opening that happened.
+async fn closed_within(
+    stream: &mut TcpStream,
+    started: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue, // SETTINGS, GOAWAY, …
+        }
+    }
+}
+
+#[tokio::test]
+async fn silent_and_preface_only_connections_are_closed_after_the_first_call_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("MINIMESH_FIRST_CALL_TIMEOUT", "1s"),
+            ("MINIMESH_IDLE_TIMEOUT", "2s"),
+        ],
+    )
+    .await;
+    let gateway = gateway_addr(&mesh);
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push((TcpStream::connect(&gateway).await.unwrap(), Instant::now()));
+    }
+    let mut preface_only = TcpStream::connect(&gateway).await.unwrap();
+    preface_only.write_all(PREFACE).await.unwrap();
+    silent.push((preface_only, Instant::now()));
+    // An mTLS connection to a sidecar that completes the handshake and then says nothing.
+    let ca_dir = std::path::PathBuf::from(mesh.mesh_json()["ca_dir"].as_str().unwrap());
+    let inbound = mesh.instances("user")[0]["inbound"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut tls_silent = tls_connect(&ca_dir, &inbound).await;
+    for (stream, opened) in silent.iter_mut() {
+        let took = closed_within(stream, *opened, Duration::from_secs(5)).await;
+        let took = took.expect("closed within 5 s");
+        assert!(
+            took >= Duration::from_millis(900),
+            "closed too early: {took:?}"
+        );
+    }
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tls_silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent mTLS connection was kept");
+
+    // A connection that made a call is closed once idle for the idle timeout.
+    let channel = tonic::transport::Endpoint::from_shared(mesh.gateway_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut users = UserServiceClient::new(channel.clone());
+    new_user(&mut users).await;
+    let admin = mesh.mesh_json()["gateway"]["admin"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(
+        Duration::from_secs(8),
+        "the idle connection closed",
+        || async {
+            let text = http_text(&admin, "/metrics").await?;
+            text.contains("minimesh_open_connections{direction=\"inbound\"} 0")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+async fn http_text(addr: &str, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    Some(text)
+}
+
+async fn tls_connect(
+    ca_dir: &std::path::Path,
+    addr: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let leaf =
+        minimesh_certs::issue_leaf(ca_dir, &minimesh_certs::LeafRequest::new("gateway")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_dir.join("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .map(|c| c.unwrap())
+            .collect();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        chain,
+        PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("user").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_and_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("MINIMESH_MAX_CONNECTIONS", "20"),
+            ("MINIMESH_FIRST_CALL_TIMEOUT", "30s"),
+        ],
+    )
+    .await;
+    let gateway = gateway_addr(&mesh);
+    let admin = mesh.mesh_json()["gateway"]["admin"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        held.push(TcpStream::connect(&gateway).await.unwrap());
+    }
+    let open = |text: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("minimesh_open_connections{direction=\"inbound\"} "))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    eventually(Duration::from_secs(5), "20 connections served", || async {
+        (open(&http_text(&admin, "/metrics").await?)? == 20).then_some(())
+    })
+    .await;
+    // Past the cap nothing more is served while the 20 stay.
+    let started = Instant::now();
+    let mut late = UserServiceClient::new(
+        tonic::transport::Endpoint::from_shared(mesh.gateway_url())
+            .unwrap()
+            .connect_lazy(),
+    );
+    let waiting = tokio::time::timeout(Duration::from_secs(1), new_user_result(&mut late)).await;
+    assert!(waiting.is_err(), "served past the cap");
+    assert_eq!(
+        open(&http_text(&admin, "/metrics").await.unwrap()),
+        Some(20)
+    );
+    drop(held);
+    // Freed slots serve the queued connections and the late call.
+    let result = tokio::time::timeout(Duration::from_secs(10), new_user_result(&mut late)).await;
+    assert!(
+        matches!(result, Ok(Ok(_))),
+        "{result:?} after {:?}",
+        started.elapsed()
+    );
+}
+
+async fn new_user_result(
+    users: &mut UserServiceClient<tonic::transport::Channel>,
+) -> Result<(), tonic::Status> {
+    use minimesh_proto::user::v1::CreateUserRequest;
+    let n = std::process::id() as u64 * 1000 + rand_u16() as u64;
+    users
+        .create_user(CreateUserRequest {
+            email: format!("late{n}@example.com"),
+            display_name: "Late".into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+fn rand_u16() -> u16 {
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        % 60_000) as u16
+}
+
+/// CPU seconds a process has used (user + system).
+fn cpu_seconds(pid: i64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn soft_nofile(pid: i64) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap()
+}
+
+fn open_fds(pid: i64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test]
+async fn an_fd_exhausted_gateway_backs_off_and_serves_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh(dir.path(), &[]).await;
+    let gateway = gateway_addr(&mesh);
+    let file = mesh.mesh_json();
+    let pid = file["gateway"]["pid"].as_i64().unwrap();
+    let log = std::path::PathBuf::from(file["gateway"]["log"].as_str().unwrap());
+    // Leave the gateway room for 10 more descriptors only.
+    let limit = open_fds(pid) + 10;
+    let original = soft_nofile(pid);
+    // Only the soft limit: raising it back needs no privilege.
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "prlimit");
+    let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
+    let mut flood = Vec::new();
+    for _ in 0..60 {
+        if let Ok(stream) = TcpStream::connect(&gateway).await {
+            flood.push(stream);
+        }
+    }
+    let cpu_before = cpu_seconds(pid);
+    let measured = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = (cpu_seconds(pid) - cpu_before) / measured.elapsed().as_secs_f64();
+    assert!(
+        cpu < 0.10,
+        "the exhausted gateway used {:.0}% CPU",
+        cpu * 100.0
+    );
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count() - lines_before;
+    assert!(lines < 30, "{lines} log lines in 3 s while exhausted");
+    // Room again: the gateway serves.
+    drop(flood);
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={original}:"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let url = mesh.gateway_url();
+    eventually(
+        Duration::from_secs(15),
+        "the gateway serves again",
+        || async {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
+            let mut users = UserServiceClient::new(channel);
+            new_user_result(&mut users).await.ok()
+        },
+    )
+    .await;
+}
+
+/// Sends one raw HTTP/2 request and returns (HTTP status, grpc-status).
+async fn raw_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (response, mut body) = client
+        .send_request(request.body(()).unwrap(), false)
+        .unwrap();
+    // An empty gRPC message: 5 bytes of framing.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    let status = response.status().as_u16();
+    let mut grpc = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk;
+    }
+    if grpc.is_none()
+        && let Ok(Some(trailers)) = body.trailers().await
+    {
+        grpc = trailers
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned());
+    }
+    (status, grpc)
+}
+
+#[tokio::test]
+async fn only_well_formed_grpc_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh(dir.path(), &[]).await;
+    let gateway = gateway_addr(&mesh);
+    let get_user = "/shop.user.v1.UserService/GetUser";
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    // A well-formed call reaches the service (NOT_FOUND for an empty id… or INVALID_ARGUMENT).
+    let (status, code) = raw_call(&gateway, "POST", get_user, &grpc).await;
+    assert_eq!(status, 200);
+    assert!(matches!(code.as_deref(), Some("3") | Some("5")), "{code:?}");
+    for method in ["PUT", "DELETE"] {
+        let (status, code) = raw_call(&gateway, method, get_user, &grpc).await;
+        assert_eq!((status, code.as_deref()), (405, Some("12")), "{method}");
+    }
+    let (status, code) = raw_call(
+        &gateway,
+        "POST",
+        get_user,
+        &[("content-type", "application/json"), ("te", "trailers")],
+    )
+    .await;
+    assert_eq!((status, code.as_deref()), (415, Some("3")));
+    let (status, code) = raw_call(
+        &gateway,
+        "POST",
+        get_user,
+        &[("content-type", "application/grpc")],
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_deref()),
+        (200, Some("3")),
+        "te: trailers is required"
+    );
+    for timeout in ["abc", "-1S", "99999999999H"] {
+        let mut headers = grpc.to_vec();
+        headers.push(("grpc-timeout", timeout));
+        let (status, code) = raw_call(&gateway, "POST", get_user, &headers).await;
+        assert_eq!(
+            (status, code.as_deref()),
+            (200, Some("3")),
+            "grpc-timeout {timeout}"
+        );
+    }
+    // No route: UNIMPLEMENTED, a code clients do not retry.
+    for path in [
+        "/shop.shipping.v1.ShippingService/Ship",
+        "/other.Service/Method",
+    ] {
+        let (status, code) = raw_call(&gateway, "POST", path, &grpc).await;
+        assert_eq!((status, code.as_deref()), (200, Some("12")), "{path}");
+    }
+}
