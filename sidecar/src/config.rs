@@ -239,7 +239,7 @@ mod tests {
         let path = dir.path().join("sidecar.yaml");
         std::fs::write(
             &path,
-            "service: order\ntrustDomain: minimesh.local\nnamespace: shop\nallow: [gateway]\nupstreams:\n  user: {dns: \"user-headless.shop.svc.cluster.local:4143\"}\n  payment: {endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\"]}\ntimeouts: {perTryMs: 2000}\nretries: {budgetPercent: 20, minPerSecond: 10, maxAttempts: 3}\nejection: {consecutiveFailures: 7, baseMs: 500}\n",
+            "service: order\ntrustDomain: minimesh.local\nnamespace: shop\nallow: [gateway]\nupstreams:\n  user: {dns: \"user-headless.shop.svc.cluster.local:4143\"}\n  payment: {endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\"]}\ntimeouts: {perTryMs: 2000}\nretries: {budgetPercent: 20, minPerSecond: 10, maxAttempts: 3}\nejection: {consecutiveFailures: 7, baseMs: 500, maxPercent: 34}\n",
         )
         .unwrap();
         let file = FileConfig::load(&path).unwrap();
@@ -255,6 +255,7 @@ mod tests {
             "the flag wins over the file"
         );
         assert_eq!(policy.ejection.base, Duration::from_millis(500));
+        assert_eq!(policy.ejection.max_ejection_percent, 34);
         let upstreams = args.upstreams(&file).unwrap();
         assert_eq!(upstreams["payment"].len(), 2);
         assert!(matches!(
