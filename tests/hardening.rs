@@ -415,3 +415,153 @@ async fn only_well_formed_grpc_is_served() {
         assert_eq!((status, code.as_deref()), (200, Some("12")), "{path}");
     }
 }
+
+/// Opens `streams` calls of `path` with `message` on one HTTP/2 connection
+/// that advertises a zero window and never reads: a reader that stalls.
+async fn stall(
+    addr: &str,
+    path: &str,
+    message: Vec<u8>,
+    streams: usize,
+) -> Vec<h2::client::ResponseFuture> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let mut pending = Vec::new();
+    for _ in 0..streams {
+        let request = http::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        body.send_data(bytes::Bytes::from(frame.clone()), true)
+            .unwrap();
+        pending.push(response);
+        client = client.ready().await.unwrap();
+    }
+    // Keep the connection (and its stalled streams) open for the caller.
+    std::mem::forget(client);
+    pending
+}
+
+#[tokio::test]
+async fn a_stalled_reader_costs_only_its_own_streams() {
+    // With one connection window for all streams the other calls hang
+    // rather than fail: bound the whole test.
+    tokio::time::timeout(Duration::from_secs(120), stalled_reader())
+        .await
+        .expect("other callers were starved by a stalled reader");
+}
+
+async fn stalled_reader() {
+    use minimesh_proto::order::v1::ListOrdersRequest;
+    use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
+    use minimesh_proto::user::v1::{CreateUserRequest, GetUserRequest, ListUsersRequest};
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh(dir.path(), &[]).await;
+    // ~1 MB answers: 400 orders of 50 items for one user, 1000 users with long names.
+    let mut users = UserServiceClient::connect(mesh.app_url("user"))
+        .await
+        .unwrap();
+    let buyer = new_user(&mut users).await;
+    let seeders: Vec<_> = (0..8)
+        .map(|worker| {
+            let (orders_url, users_url, buyer) = (
+                mesh.app_url("order"),
+                mesh.app_url("user"),
+                buyer.id.clone(),
+            );
+            tokio::spawn(async move {
+                let mut orders = OrderServiceClient::connect(orders_url).await.unwrap();
+                for _ in 0..50 {
+                    let items = (0..50)
+                        .map(|i| item(&format!("sku-{i:04}-with-a-longer-name"), 1, 10))
+                        .collect();
+                    orders
+                        .create_order(order_request(&buyer, items))
+                        .await
+                        .unwrap();
+                }
+                let mut users = UserServiceClient::connect(users_url).await.unwrap();
+                for n in 0..125 {
+                    users
+                        .create_user(CreateUserRequest {
+                            email: format!("filler-{worker}-{n}-{}@example.com", "y".repeat(40)),
+                            display_name: "x".repeat(200),
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for seeder in seeders {
+        seeder.await.unwrap();
+    }
+    let gateway = gateway_addr(&mesh);
+    let list_orders = ListOrdersRequest {
+        user_id: buyer.id.clone(),
+        page_size: 1000,
+        page_token: String::new(),
+    };
+    let _stalled_at_gateway = stall(
+        &gateway,
+        "/shop.order.v1.OrderService/ListOrders",
+        list_orders.encode_to_vec(),
+        8,
+    )
+    .await;
+    let outbound = mesh.instances("order")[0]["outbound"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let list_users = ListUsersRequest {
+        page_size: 1000,
+        page_token: String::new(),
+    };
+    let _stalled_at_sidecar = stall(
+        &outbound,
+        "/shop.user.v1.UserService/ListUsers",
+        list_users.encode_to_vec(),
+        8,
+    )
+    .await;
+    // Let the stalled streams fill whatever windows they can.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(mesh.gateway_url())
+        .unwrap()
+        .timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap();
+    let mut orders = OrderServiceClient::new(channel.clone());
+    let mut users = UserServiceClient::new(channel);
+    for round in 0..5 {
+        let page = orders
+            .list_orders(list_orders.clone())
+            .await
+            .unwrap_or_else(|s| panic!("round {round}: ListOrders {s:?}"));
+        assert!(page.get_ref().orders.len() >= 400);
+        users
+            .get_user(GetUserRequest {
+                id: buyer.id.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("round {round}: GetUser {s:?}"));
+        orders
+            .create_order(order_request(&buyer.id, vec![item("pen", 1, 300)]))
+            .await
+            .unwrap_or_else(|s| panic!("round {round}: CreateOrder {s:?}"));
+    }
+}

@@ -808,7 +808,7 @@ fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
         .keep_alive_timeout(Duration::from_secs(10))
         .initial_stream_window_size(crate::window::STREAM)
         .initial_connection_window_size(crate::window::CONNECTION)
-        .max_concurrent_streams(10_000);
+        .max_concurrent_streams(crate::window::MAX_STREAMS);
     builder
 }
 
