@@ -120,49 +120,37 @@ fn last_backoff(mesh: &Mesh, process: &str, endpoint: &str) -> Option<Duration> 
     Some(Duration::from_millis(ms))
 }
 
-/// Starts `minimesh up` in a fresh data dir. A start that fails is tried
-/// again (twice at most) after printing what its children logged as errors:
-/// now and then a service exits during start-up on a busy machine, which
-/// is not what these tests are about (tests/up.rs covers start-up).
+/// Starts `minimesh up` in a fresh data dir. A start that fails prints
+/// what the children logged as errors before the test fails: a failed
+/// start is a defect to find, never retried away.
 async fn start(extra: &[&str], env: &[(&str, &str)]) -> (tempfile::TempDir, Mesh) {
-    for attempt in 1..=3 {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().to_owned();
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let started = tokio::spawn(async move {
-            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            let env: Vec<(&str, &str)> =
-                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            start_mesh_with_env(&path, &extra, &env).await
-        })
-        .await;
-        match started {
-            Ok(mesh) => return (dir, mesh),
-            Err(err) if attempt < 3 => {
-                eprintln!("minimesh up failed to start ({err}); its children's errors:");
-                for entry in std::fs::read_dir(dir.path().join("logs"))
-                    .into_iter()
-                    .flatten()
-                {
-                    let Ok(entry) = entry else { continue };
-                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                    for line in text
-                        .lines()
-                        .filter(|l| l.to_lowercase().contains("error"))
-                        .take(5)
-                    {
-                        eprintln!("  {}: {line}", entry.file_name().to_string_lossy());
-                    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let started = tokio::spawn(async move {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        start_mesh_with_env(&path, &extra, &env).await
+    })
+    .await;
+    match started {
+        Ok(mesh) => (dir, mesh),
+        Err(err) => {
+            eprintln!("minimesh up failed to start ({err}); its children's errors:");
+            for entry in std::fs::read_dir(dir.path().join("logs")).into_iter().flatten() {
+                let Ok(entry) = entry else { continue };
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                for line in text.lines().filter(|l| l.to_lowercase().contains("error")).take(5) {
+                    eprintln!("  {}: {line}", entry.file_name().to_string_lossy());
                 }
             }
-            Err(err) => panic!("minimesh up failed to start three times: {err}"),
+            panic!("minimesh up failed to start: {err}");
         }
     }
-    unreachable!("the loop returns or panics")
 }
 
 async fn gateway_channel(mesh: &Mesh) -> Channel {
