@@ -80,6 +80,7 @@ pub struct FileEjection {
     pub consecutive_failures: Option<u32>,
     pub base_ms: Option<u64>,
     pub max_ms: Option<u64>,
+    pub max_percent: Option<u32>,
 }
 
 impl FileConfig {
@@ -129,6 +130,9 @@ pub struct TrafficArgs {
     /// Longest ejection back-off (default 60s).
     #[arg(long, env = "MINIMESH_EJECT_MAX", value_parser = humantime::parse_duration)]
     pub eject_max: Option<Duration>,
+    /// Most endpoints of one upstream ejected at once, in percent (default 50; one may always be).
+    #[arg(long, env = "MINIMESH_EJECT_MAX_PERCENT", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub eject_max_percent: Option<u32>,
     /// How often DNS upstream names are re-resolved.
     #[arg(long, env = "MINIMESH_DNS_REFRESH", value_parser = humantime::parse_duration, default_value = "5s")]
     pub dns_refresh: Duration,
@@ -177,6 +181,9 @@ impl TrafficArgs {
             .or(file.ejection.max_ms.map(Duration::from_millis))
         {
             policy.ejection.max = d;
+        }
+        if let Some(p) = self.eject_max_percent.or(file.ejection.max_percent) {
+            policy.ejection.max_ejection_percent = p.min(100);
         }
         policy
     }
@@ -237,7 +244,7 @@ mod tests {
         let path = dir.path().join("sidecar.yaml");
         std::fs::write(
             &path,
-            "service: order\ntrustDomain: minimesh.local\nnamespace: shop\nallow: [gateway]\nupstreams:\n  user: {dns: \"user-headless.shop.svc.cluster.local:4143\"}\n  payment: {endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\"]}\ntimeouts: {perTryMs: 2000}\nretries: {budgetPercent: 20, minPerSecond: 10, maxAttempts: 3}\nejection: {consecutiveFailures: 7, baseMs: 500}\n",
+            "service: order\ntrustDomain: minimesh.local\nnamespace: shop\nallow: [gateway]\nupstreams:\n  user: {dns: \"user-headless.shop.svc.cluster.local:4143\"}\n  payment: {endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\"]}\ntimeouts: {perTryMs: 2000}\nretries: {budgetPercent: 20, minPerSecond: 10, maxAttempts: 3}\nejection: {consecutiveFailures: 7, baseMs: 500, maxPercent: 34}\n",
         )
         .unwrap();
         let file = FileConfig::load(&path).unwrap();
@@ -253,6 +260,7 @@ mod tests {
             "the flag wins over the file"
         );
         assert_eq!(policy.ejection.base, Duration::from_millis(500));
+        assert_eq!(policy.ejection.max_ejection_percent, 34);
         let upstreams = args.upstreams(&file).unwrap();
         assert_eq!(upstreams["payment"].len(), 2);
         assert!(matches!(

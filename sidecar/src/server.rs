@@ -525,6 +525,7 @@ fn print_resolved(
             "consecutiveFailures": policy.ejection.consecutive_failures,
             "baseMs": policy.ejection.base.as_millis() as u64,
             "maxMs": policy.ejection.max.as_millis() as u64,
+            "maxPercent": policy.ejection.max_ejection_percent,
         },
         "perTryTimeoutMs": policy.per_try_timeout.map(|d| d.as_millis() as u64),
     });

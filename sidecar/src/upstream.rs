@@ -9,16 +9,15 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use minimesh_traffic::balance::{PeakEwma, p2c};
 use minimesh_traffic::deadline::Deadline;
 use minimesh_traffic::discover::Endpoints;
-use minimesh_traffic::eject::{Admission, EjectionPolicy, Health};
+use minimesh_traffic::eject::{EjectionPolicy, Transition};
+use minimesh_traffic::endpoint::{EjectionCap, EndpointPolicy, EndpointState, Outcome, choose};
 use minimesh_traffic::retry::{self, MethodKinds, RetryBudget, RetryPolicy};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -53,24 +52,14 @@ impl Default for TrafficPolicy {
     }
 }
 
-struct EndpointState {
-    health: Health,
-    ewma: PeakEwma,
-}
-
 pub struct Endpoint {
     conn: Connection,
-    state: Mutex<EndpointState>,
-    in_flight: AtomicUsize,
+    state: Arc<EndpointState>,
 }
 
 impl Endpoint {
     pub fn addr(&self) -> SocketAddr {
         self.conn.addr()
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, EndpointState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -79,6 +68,8 @@ pub struct Upstream {
     direction: &'static str,
     transport: Transport,
     policy: TrafficPolicy,
+    endpoint_policy: Arc<EndpointPolicy>,
+    cap: Arc<EjectionCap>,
     endpoints: RwLock<Vec<Arc<Endpoint>>>,
     budget: RetryBudget,
     kinds: Arc<MethodKinds>,
@@ -115,6 +106,12 @@ impl Upstream {
             direction,
             transport,
             budget: policy.retry.budget(),
+            endpoint_policy: Arc::new(EndpointPolicy {
+                default_rtt: policy.default_rtt,
+                decay: policy.ewma_decay,
+                ejection: policy.ejection.clone(),
+            }),
+            cap: EjectionCap::new(policy.ejection.max_ejection_percent),
             policy,
             endpoints: RwLock::new(Vec::new()),
             kinds,
@@ -142,21 +139,42 @@ impl Upstream {
             if endpoints.iter().any(|e| e.addr() == *addr) {
                 continue;
             }
-            let now = Instant::now();
+            let (name, direction, metrics, addr) = (
+                self.name.clone(),
+                self.direction,
+                self.metrics.clone(),
+                *addr,
+            );
+            let observer = move |transition: Transition| match transition {
+                Transition::Ejected { backoff } => {
+                    tracing::warn!(upstream = %name, endpoint = %addr, backoff_ms = backoff.as_millis() as u64, "endpoint ejected");
+                    metrics.ejection(direction, &name);
+                }
+                Transition::ProbeCancelled { backoff } => {
+                    tracing::info!(upstream = %name, endpoint = %addr, backoff_ms = backoff.as_millis() as u64, "probe cancelled; endpoint stays ejected");
+                }
+                Transition::Restored => {
+                    tracing::info!(upstream = %name, endpoint = %addr, "endpoint back in rotation");
+                }
+                Transition::None => {}
+            };
+            let state = EndpointState::new(
+                self.endpoint_policy.clone(),
+                self.cap.clone(),
+                Instant::now(),
+            )
+            .with_observer(observer);
             endpoints.push(Arc::new(Endpoint {
                 conn: Connection::new(
-                    *addr,
+                    addr,
                     self.transport.clone(),
                     self.policy.connect_timeout,
                     self.metrics.clone(),
                 ),
-                state: Mutex::new(EndpointState {
-                    health: Health::default(),
-                    ewma: PeakEwma::new(self.policy.default_rtt, self.policy.ewma_decay, now),
-                }),
-                in_flight: AtomicUsize::new(0),
+                state: Arc::new(state),
             }));
         }
+        self.cap.set_total(endpoints.len());
     }
 
     pub fn name(&self) -> &str {
@@ -170,61 +188,23 @@ impl Upstream {
             .len()
     }
 
-    /// Chooses an endpoint, avoiding `avoid` when another is available.
-    fn pick(&self, avoid: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+    /// Chooses an endpoint: a due probe first, else P2C, avoiding `avoid`
+    /// (strictly when `strict`, else only while another is available).
+    fn pick(&self, avoid: &[SocketAddr], strict: bool) -> Option<(Arc<Endpoint>, bool)> {
         let endpoints = self
             .endpoints
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let now = Instant::now();
-        let open: Vec<usize> = (0..endpoints.len())
-            .filter(|&i| endpoints[i].state().health.is_open())
-            .collect();
-        let fresh: Vec<usize> = open
-            .iter()
-            .copied()
-            .filter(|&i| !avoid.contains(&endpoints[i].addr()))
-            .collect();
-        let candidates = if fresh.is_empty() { &open } else { &fresh };
-        let mut rng = rand::rng();
-        if let Some(i) = p2c(
-            candidates,
-            |i| {
-                let e = &endpoints[i];
-                e.state()
-                    .ewma
-                    .cost(e.in_flight.load(Ordering::Relaxed), now)
-            },
-            &mut rng,
-        ) {
-            return Some(endpoints[i].clone());
-        }
-        // Everything is ejected: an endpoint whose back-off is over gets this call as its probe.
-        endpoints
-            .iter()
-            .find(|e| e.state().health.admit(now, &self.policy.ejection) == Admission::Probe)
-            .cloned()
-    }
-
-    fn record(&self, endpoint: &Endpoint, outcome: Result<Duration, ()>) {
-        let mut state = endpoint.state();
-        let now = Instant::now();
-        match outcome {
-            Ok(rtt) => {
-                state.health.success();
-                state.ewma.observe(rtt, now);
-            }
-            Err(()) => {
-                if state
-                    .health
-                    .failure(now, &self.policy.ejection, &mut rand::rng())
-                {
-                    tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr(), until = ?state.health.ejected_until(), "endpoint ejected");
-                    self.metrics.ejection(self.direction, &self.name);
-                }
-            }
-        }
+        let choice = choose(
+            &endpoints,
+            |e| &e.state,
+            |e| avoid.contains(&e.addr()),
+            strict,
+            Instant::now(),
+            &mut rand::rng(),
+        )?;
+        Some((endpoints[choice.index].clone(), choice.probe))
     }
 
     /// Sends `request` to one of the endpoints, retrying where that is safe.
@@ -257,6 +237,14 @@ impl Upstream {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let max_attempts = self.policy.retry.max_attempts.max(1);
         let mut last_error = String::from("no attempt made");
+        let mut last_code = Code::Unavailable;
+        // A retry goes to another endpoint or nowhere: hammering one that
+        // just failed (or timed out) helps nobody. Only a lone endpoint is
+        // tried again after a failure, since a fresh connection may work.
+        let mut need_fresh = false;
+        // A timed-out attempt may have reached an application: then no
+        // error of this call may tell the caller it is safe to retry.
+        let mut maybe_delivered = false;
         for attempt in 1..=max_attempts {
             if deadline.is_some_and(|d| d.expired()) {
                 return grpc_error(
@@ -265,7 +253,15 @@ impl Upstream {
                     false,
                 );
             }
-            let Some(endpoint) = self.pick(&tried) else {
+            let strict = need_fresh || self.endpoint_count() > 1;
+            let Some((endpoint, probe)) = self.pick(&tried, strict) else {
+                if !tried.is_empty() {
+                    return grpc_error(
+                        last_code,
+                        &format!("{last_error}; no other endpoint to try"),
+                        last_code == Code::Unavailable && !maybe_delivered,
+                    );
+                }
                 let all = self.endpoint_count();
                 let message = if all == 0 {
                     format!("no endpoints known for upstream {}", self.name)
@@ -288,58 +284,69 @@ impl Upstream {
             };
             // Each attempt is its own span, so retries show as separate tries.
             let attempt_span = tracing::info_span!("proxy.attempt", otel.name = %format!("{} attempt {attempt}", path.trim_start_matches('/')),
-                otel.kind = "client", attempt, server.address = %endpoint.addr());
+                otel.kind = "client", attempt, probe, server.address = %endpoint.addr());
             let mut request = build_request(&method, &uri, version, &headers, body, deadline);
             minimesh_runtime::trace::inject_trace(&attempt_span, request.headers_mut());
-            let started = Instant::now();
-            endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-            let wait = match (self.policy.per_try_timeout, deadline) {
-                (Some(per_try), Some(d)) => Some(per_try.min(d.remaining())),
+            let per_try = match (self.policy.per_try_timeout, deadline) {
+                (Some(per_try), Some(d)) if per_try < d.remaining() => Some(per_try),
                 (Some(per_try), None) => Some(per_try),
-                (None, Some(d)) => Some(d.remaining()),
-                (None, None) => None,
+                _ => None,
             };
+            let wait = per_try.or(deadline.map(|d| d.remaining()));
+            // The guard takes the attempt off the endpoint's books however
+            // it ends, also when this future is dropped (the caller left).
+            let tracked = endpoint
+                .state
+                .start(probe, Instant::now())
+                .with_deadline(deadline.map(|d| Instant::now() + d.remaining()));
             let send = endpoint.conn.send(request).instrument(attempt_span);
             let sent = match wait {
                 Some(wait) => tokio::time::timeout(wait, send).await,
                 None => Ok(send.await),
             };
-            endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
             let retryable = match sent {
                 Err(_elapsed) => {
-                    let expired = deadline.is_some_and(|d| d.expired());
-                    let what = if expired {
-                        "deadline"
-                    } else {
+                    tracked.finish(Outcome::Timeout);
+                    let what = if per_try.is_some() {
                         "per-try timeout"
+                    } else {
+                        "deadline"
                     };
-                    return grpc_error(
-                        Code::DeadlineExceeded,
-                        &format!(
-                            "{what} exceeded waiting for {} at {}",
-                            self.name,
-                            endpoint.addr()
-                        ),
-                        false,
+                    last_error = format!(
+                        "{what} exceeded waiting for {} at {}",
+                        self.name,
+                        endpoint.addr()
                     );
+                    last_code = Code::DeadlineExceeded;
+                    // Only a replayable request may go elsewhere, and only
+                    // when its own deadline has time left.
+                    let time_left = !deadline.is_some_and(|d| d.expired());
+                    if per_try.is_none() || !time_left || !matches!(payload, Payload::Replay(_)) {
+                        return grpc_error(Code::DeadlineExceeded, &last_error, false);
+                    }
+                    need_fresh = true;
+                    maybe_delivered = true;
+                    true
                 }
                 Ok(Ok(response)) => {
                     if retry::classify_response(response.headers()).is_some() {
-                        self.record(&endpoint, Err(()));
+                        tracked.finish(Outcome::Failure);
                         last_error = format!(
                             "{} at {} could not reach its application",
                             self.name,
                             endpoint.addr()
                         );
+                        last_code = Code::Unavailable;
                         true
                     } else {
-                        self.record(&endpoint, Ok(started.elapsed()));
+                        tracked.finish(Outcome::Success);
                         return response.map(boxed);
                     }
                 }
                 Ok(Err((err, unsent))) => {
-                    self.record(&endpoint, Err(()));
+                    tracked.finish(Outcome::Failure);
                     last_error = err.to_string();
+                    last_code = Code::Unavailable;
                     if let (Some(unsent), Payload::Once(slot)) = (unsent, &mut payload) {
                         // Never sent: the stream can still go elsewhere.
                         *slot = Some(unsent.into_body());
@@ -367,7 +374,11 @@ impl Upstream {
             let pause = self.policy.retry.backoff(attempt, &mut rand::rng());
             tokio::time::sleep(pause).await;
         }
-        grpc_error(Code::Unavailable, &last_error, true)
+        grpc_error(
+            last_code,
+            &last_error,
+            last_code == Code::Unavailable && !maybe_delivered,
+        )
     }
 }
 

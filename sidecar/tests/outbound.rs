@@ -110,35 +110,48 @@ fn spawn_sidecar(args: SidecarArgs, stops: &mut Vec<oneshot::Sender<()>>) {
     }));
 }
 
-/// payment sidecar(s) in front of the stand-in app, and an order sidecar
-/// whose payment upstream is `upstream(payment_inbounds)`.
+/// A payment sidecar in front of the stand-in app, and an order sidecar
+/// whose payment upstream is `traffic(payment_inbounds)`.
 async fn start_pair(
     delay: Duration,
     seen: Arc<Mutex<Vec<String>>>,
     traffic: impl FnOnce(&[SocketAddr]) -> TrafficArgs,
 ) -> Pair {
+    start_replicas(&[(delay, seen)], traffic).await
+}
+
+/// One payment sidecar and stand-in app per `(delay, seen)`, and an order
+/// sidecar whose payment upstream is `traffic(payment_inbounds)`.
+async fn start_replicas(
+    apps: &[(Duration, Arc<Mutex<Vec<String>>>)],
+    traffic: impl FnOnce(&[SocketAddr]) -> TrafficArgs,
+) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     init_ca(&dir.path().join("ca"), 30, false).unwrap();
     let mut stops = Vec::new();
-    let app = free_addr("127.0.0.1");
-    start_app(app, delay, seen).await;
-    let payment_inbound = free_addr("127.0.0.1");
-    spawn_sidecar(
-        SidecarArgs {
-            service: Some("payment".into()),
-            inbound: payment_inbound.to_string(),
-            outbound: free_addr("127.0.0.1").to_string(),
-            admin: free_addr("127.0.0.1").to_string(),
-            app: app.to_string(),
-            allow: vec!["order".into()],
-            config: None,
-            check_config: false,
-            identity: identity(dir.path(), "payment"),
-            traffic: TrafficArgs::default(),
-            limits: Default::default(),
-        },
-        &mut stops,
-    );
+    let mut inbounds = Vec::new();
+    for (delay, seen) in apps {
+        let app = free_addr("127.0.0.1");
+        start_app(app, *delay, seen.clone()).await;
+        let payment_inbound = free_addr("127.0.0.1");
+        spawn_sidecar(
+            SidecarArgs {
+                service: Some("payment".into()),
+                inbound: payment_inbound.to_string(),
+                outbound: free_addr("127.0.0.1").to_string(),
+                admin: free_addr("127.0.0.1").to_string(),
+                app: app.to_string(),
+                allow: vec!["order".into()],
+                config: None,
+                check_config: false,
+                identity: identity(dir.path(), "payment"),
+                traffic: TrafficArgs::default(),
+                limits: Default::default(),
+            },
+            &mut stops,
+        );
+        inbounds.push(payment_inbound);
+    }
     let (outbound, order_admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
     spawn_sidecar(
         SidecarArgs {
@@ -151,13 +164,14 @@ async fn start_pair(
             config: None,
             check_config: false,
             identity: identity(dir.path(), "order"),
-            traffic: traffic(&[payment_inbound]),
+            traffic: traffic(&inbounds),
             limits: Default::default(),
         },
         &mut stops,
     );
-    // Both listeners accept once bound; wait for the payment inbound port.
-    for addr in [payment_inbound, outbound] {
+    inbounds.push(outbound);
+    // Listeners accept once bound; wait for every one.
+    for addr in inbounds {
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
             assert!(Instant::now() < deadline, "{addr} never listened");
@@ -313,6 +327,98 @@ async fn a_dead_endpoint_is_retried_around_and_ejected() {
             "minimesh_endpoint_ejections_total{direction=\"outbound\",service=\"payment\"}"
         ) >= 1,
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_per_try_timeout_moves_the_call_to_another_endpoint() {
+    let slow_seen = Arc::new(Mutex::new(Vec::new()));
+    let fast_seen = Arc::new(Mutex::new(Vec::new()));
+    let pair = start_replicas(
+        &[
+            (Duration::from_secs(3), slow_seen.clone()),
+            (Duration::ZERO, fast_seen.clone()),
+        ],
+        |inbounds| TrafficArgs {
+            per_try_timeout: Some(Duration::from_millis(200)),
+            ..static_upstream(inbounds)
+        },
+    )
+    .await;
+    let mut payments = client(pair.outbound).await;
+    // Until the slow replica has had two calls (P2C shuns it for a while
+    // after each timeout), every call must still succeed, well before the
+    // slow replica would have answered.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut calls = 0;
+    while slow_seen.lock().unwrap().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow replica was never tried"
+        );
+        let mut request = tonic::Request::new(GetPaymentRequest {
+            id: format!("pay_{calls}"),
+        });
+        request.set_timeout(Duration::from_secs(5));
+        let started = Instant::now();
+        let reply = payments
+            .get_payment(request)
+            .await
+            .unwrap_or_else(|e| panic!("call {calls} failed: {e:?}"));
+        assert_eq!(reply.into_inner().id, format!("pay_{calls}"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "call {calls} took {:?}",
+            started.elapsed()
+        );
+        calls += 1;
+    }
+    let (_, text) = http_get(pair.order_admin, "/metrics").await;
+    assert!(
+        counter(
+            &text,
+            "minimesh_retries_total{direction=\"outbound\",service=\"payment\"}"
+        ) >= 2,
+        "{text}"
+    );
+    assert!(fast_seen.lock().unwrap().len() >= calls);
+}
+
+#[tokio::test]
+async fn a_per_try_timeout_with_no_other_endpoint_left_answers_deadline_exceeded() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let pair = start_replicas(
+        &[
+            (Duration::from_secs(3), seen.clone()),
+            (Duration::from_secs(3), seen.clone()),
+        ],
+        |inbounds| TrafficArgs {
+            per_try_timeout: Some(Duration::from_millis(300)),
+            ..static_upstream(inbounds)
+        },
+    )
+    .await;
+    let mut payments = client(pair.outbound).await;
+    let mut request = tonic::Request::new(GetPaymentRequest { id: "x".into() });
+    request.set_timeout(Duration::from_secs(5));
+    let started = Instant::now();
+    let err = payments.get_payment(request).await.unwrap_err();
+    // Both replicas tried once each (300 ms apiece), then no other is left.
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("per-try timeout"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "each replica got one attempt"
     );
 }
 

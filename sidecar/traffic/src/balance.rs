@@ -6,7 +6,8 @@
 //! and would make such calls wait. The estimator follows the same idea as
 //! tower's `PeakEwma` (and Finagle's): latency jumps up to a slow sample at
 //! once and decays back with time, and cost is the estimate times the calls
-//! in flight plus one.
+//! in flight plus one. [`crate::endpoint`] adds what the estimate cannot see:
+//! calls still waiting, whose age is a lower bound on the latency now.
 
 use rand::Rng;
 use std::time::Duration;
@@ -28,6 +29,11 @@ impl PeakEwma {
         }
     }
 
+    /// The estimate now, in nanoseconds.
+    pub fn estimate(&self, now: Instant) -> f64 {
+        self.decayed(now)
+    }
+
     fn decayed(&self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
         self.estimate_ns * (-elapsed / self.decay_ns).exp()
@@ -44,6 +50,13 @@ impl PeakEwma {
             let w = (-elapsed / self.decay_ns).exp();
             current * w + sample * (1.0 - w)
         };
+        self.updated = now;
+    }
+
+    /// Folds in a latency known only from below (a call that timed out,
+    /// failed or was cancelled after `rtt`): the estimate never drops for it.
+    pub fn at_least(&mut self, rtt: Duration, now: Instant) {
+        self.estimate_ns = self.decayed(now).max(rtt.as_nanos() as f64);
         self.updated = now;
     }
 

@@ -7,6 +7,9 @@
 //!   ejected endpoints and the ones a retry must avoid.
 //! - [`eject`]: consecutive-failure ejection with a growing, jittered back-off
 //!   and a single probe to come back.
+//! - [`endpoint`]: one endpoint's books (health, latency, attempts waiting),
+//!   attempts as guards that record however they end, and the choice of
+//!   endpoint per attempt (probes first, then P2C).
 //! - [`retry`]: which attempts may be retried, and the retry budget.
 //! - [`deadline`]: `grpc-timeout` parsing, formatting and propagation.
 
@@ -14,4 +17,5 @@ pub mod balance;
 pub mod deadline;
 pub mod discover;
 pub mod eject;
+pub mod endpoint;
 pub mod retry;
