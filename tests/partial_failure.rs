@@ -141,10 +141,17 @@ async fn start(extra: &[&str], env: &[(&str, &str)]) -> (tempfile::TempDir, Mesh
         Ok(mesh) => (dir, mesh),
         Err(err) => {
             eprintln!("minimesh up failed to start ({err}); its children's errors:");
-            for entry in std::fs::read_dir(dir.path().join("logs")).into_iter().flatten() {
+            for entry in std::fs::read_dir(dir.path().join("logs"))
+                .into_iter()
+                .flatten()
+            {
                 let Ok(entry) = entry else { continue };
                 let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                for line in text.lines().filter(|l| l.to_lowercase().contains("error")).take(5) {
+                for line in text
+                    .lines()
+                    .filter(|l| l.to_lowercase().contains("error"))
+                    .take(5)
+                {
                     eprintln!("  {}: {line}", entry.file_name().to_string_lossy());
                 }
             }
