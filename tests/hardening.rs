@@ -126,33 +126,12 @@ async fn tls_connect(
     ca_dir: &std::path::Path,
     addr: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let leaf =
-        minimesh_certs::issue_leaf(ca_dir, &minimesh_certs::LeafRequest::new("gateway")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_dir.join("ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-            .map(|c| c.unwrap())
-            .collect();
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        chain,
-        PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
-    )
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = TcpStream::connect(addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(ServerName::try_from("user").unwrap(), tcp)
+    tokio_rustls::TlsConnector::from(mesh_peer_tls(ca_dir, "gateway"))
+        .connect(
+            rustls::pki_types::ServerName::try_from("user").unwrap(),
+            tcp,
+        )
         .await
         .unwrap()
 }

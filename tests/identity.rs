@@ -12,38 +12,11 @@ use minimesh_proto::payment::v1::{ChargeRequest, GetPaymentRequest, RefundReques
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// A TLS client with a certificate the test issues itself from the mesh CA
-/// (the test plays a mesh peer), used to read the serial each sidecar serves.
-fn probe_config(ca_dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
-    let leaf =
-        minimesh_certs::issue_leaf(ca_dir, &minimesh_certs::LeafRequest::new("order")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_dir.join("ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-            .map(|c| c.unwrap())
-            .collect();
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
 
 /// The serial of the certificate a sidecar's inbound listener serves now.
 async fn served_serial(
@@ -167,7 +140,7 @@ async fn certificates_rotate_under_load_without_a_failed_call() {
         Arc::new(std::sync::Mutex::new(Vec::new())),
     );
     let clients = steady_traffic(mesh.gateway_url(), stop.clone(), ok.clone(), failed.clone());
-    let probe = probe_config(&ca_dir);
+    let probe = mesh_peer_tls(&ca_dir, "order");
     let sidecars: Vec<(String, String)> = mesh.mesh_json()["instances"]
         .as_array()
         .unwrap()

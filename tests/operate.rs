@@ -85,22 +85,27 @@ fn metrics_endpoints(mesh: &Mesh) -> Vec<(String, String)> {
     out
 }
 
-fn promtool_problems(text: &str) -> String {
+/// Runs `program` with `text` on its standard input.
+fn run_with_input(program: &str, args: &[&str], text: &str) -> std::process::Output {
     use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run promtool");
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
     child
         .stdin
         .take()
         .unwrap()
         .write_all(text.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn promtool_problems(text: &str) -> String {
+    let out = run_with_input("promtool", &["check", "metrics"], text);
     let mut problems = String::from_utf8_lossy(&out.stdout).into_owned();
     problems.push_str(&String::from_utf8_lossy(&out.stderr));
     if !out.status.success() && problems.trim().is_empty() {
@@ -111,22 +116,8 @@ fn promtool_problems(text: &str) -> String {
 
 /// Parses with Python's strict OpenMetrics parser; Err carries its complaint.
 fn openmetrics_parse(text: &str) -> Result<(), String> {
-    use std::io::Write;
     let script = "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\nlist(p(sys.stdin.read()))\n";
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python3");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_input("python3", &["-c", script], text);
     if out.status.success() {
         Ok(())
     } else {

@@ -241,3 +241,33 @@ pub async fn reflected_services(url: &str) -> Vec<String> {
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
+
+/// A TLS client acting as the mesh peer `name`: a leaf the test issues
+/// itself from the mesh CA in `ca_dir`, trusting that CA, ALPN h2.
+pub fn mesh_peer_tls(ca_dir: &Path, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let leaf = minimesh_certs::issue_leaf(ca_dir, &minimesh_certs::LeafRequest::new(name))
+        .expect("issue a test leaf");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_dir.join("ca.pem")).expect("ca.pem") {
+        roots
+            .add(cert.expect("CA certificate"))
+            .expect("trust the CA");
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .map(|c| c.expect("leaf certificate"))
+            .collect();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("leaf key");
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client certificate");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    std::sync::Arc::new(config)
+}
