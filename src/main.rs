@@ -122,6 +122,7 @@ async fn run_sidecar(args: ProxyArgs<minimesh_sidecar::SidecarArgs>) -> anyhow::
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
     }
+    minimesh_runtime::memory::spawn_trimmer();
     let result = minimesh_sidecar::run_sidecar(args.proxy, shutdown::signal()).await;
     telemetry.shutdown();
     Ok(result?)
@@ -140,6 +141,7 @@ async fn run_gateway(args: ProxyArgs<minimesh_sidecar::GatewayArgs>) -> anyhow::
     if std::env::var_os(up::SUPERVISED_ENV).is_some() {
         shutdown::die_with_parent();
     }
+    minimesh_runtime::memory::spawn_trimmer();
     let result = minimesh_sidecar::run_gateway(args.proxy, shutdown::signal()).await;
     telemetry.shutdown();
     Ok(result?)

@@ -5,6 +5,7 @@ pub mod exposition;
 pub mod grpc;
 pub mod listen;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod page;
 pub mod shutdown;
