@@ -76,7 +76,47 @@ fn proxies(mesh: &Mesh) -> Vec<(String, String)> {
     out
 }
 
-/// Clients shopping through the gateway until `stop`; counts calls and failures.
+/// Clients shopping through the gateway until stopped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(gateway: String) -> Self {
+        let (stop, ok, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(std::sync::Mutex::new(Vec::new())),
+        );
+        let clients = steady_traffic(gateway, stop.clone(), ok.clone(), failed.clone());
+        Self {
+            stop,
+            ok,
+            failed,
+            clients,
+        }
+    }
+
+    /// Stops the clients, asserts that no call failed, and returns how many succeeded.
+    async fn stop_without_failures(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        assert!(
+            failed.is_empty(),
+            "{} calls failed, e.g. {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        self.ok.load(Ordering::Relaxed)
+    }
+}
+
 fn steady_traffic(
     gateway: String,
     stop: Arc<AtomicBool>,
@@ -134,12 +174,7 @@ async fn certificates_rotate_under_load_without_a_failed_call() {
             );
         }
     }
-    let (stop, ok, failed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(std::sync::Mutex::new(Vec::new())),
-    );
-    let clients = steady_traffic(mesh.gateway_url(), stop.clone(), ok.clone(), failed.clone());
+    let traffic = Traffic::start(mesh.gateway_url());
     let probe = mesh_peer_tls(&ca_dir, "order");
     let sidecars: Vec<(String, String)> = mesh.mesh_json()["instances"]
         .as_array()
@@ -162,22 +197,8 @@ async fn certificates_rotate_under_load_without_a_failed_call() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.unwrap();
-    }
-    let failed = failed.lock().unwrap().clone();
-    assert!(
-        failed.is_empty(),
-        "{} calls failed, e.g. {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(
-        ok.load(Ordering::Relaxed) > 500,
-        "steady traffic: {} calls",
-        ok.load(Ordering::Relaxed)
-    );
+    let ok = traffic.stop_without_failures().await;
+    assert!(ok > 500, "steady traffic: {} calls", ok);
     for (service, _) in &sidecars {
         let seen = serials.get(service).map_or(0, BTreeSet::len);
         assert!(
@@ -214,12 +235,7 @@ async fn the_mesh_outlives_a_stopped_issuer_and_renews_when_it_returns() {
     let pids_before = proxies_pids(&mesh);
     kill(issuer, Signal::SIGSTOP).unwrap();
     let _resume = Resume(issuer);
-    let (stop, ok, failed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(std::sync::Mutex::new(Vec::new())),
-    );
-    let clients = steady_traffic(mesh.gateway_url(), stop.clone(), ok.clone(), failed.clone());
+    let traffic = Traffic::start(mesh.gateway_url());
     // Renewals come due at about 14 s and fail: the issuer hangs.
     let admins = proxies(&mesh);
     eventually(
@@ -252,18 +268,8 @@ async fn the_mesh_outlives_a_stopped_issuer_and_renews_when_it_returns() {
     .await;
     // Past the first certificates' expiry, calls still succeed on renewed ones.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.unwrap();
-    }
-    let failed = failed.lock().unwrap().clone();
-    assert!(
-        failed.is_empty(),
-        "{} calls failed, e.g. {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(ok.load(Ordering::Relaxed) > 100);
+    let ok = traffic.stop_without_failures().await;
+    assert!(ok > 100);
     assert_eq!(proxies_pids(&mesh), pids_before, "no proxy was restarted");
 }
 
