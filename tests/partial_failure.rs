@@ -160,18 +160,6 @@ async fn start(extra: &[&str], env: &[(&str, &str)]) -> (tempfile::TempDir, Mesh
     }
 }
 
-async fn gateway_channel(mesh: &Mesh) -> Channel {
-    let url = format!(
-        "http://{}",
-        mesh.mesh_json()["gateway"]["addr"].as_str().unwrap()
-    );
-    tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 /// Clients calling GetUser in a loop, as a grpcio client would: the
 /// deadline goes out as `grpc-timeout` and the client gives up at it.
 struct Load {
@@ -297,7 +285,7 @@ async fn time_to_share(
 async fn a_hung_replica_is_ejected_and_comes_back_and_throughput_holds() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (_dir, mesh) = start(&["--replicas", "user=3"], &[]).await;
-    let channel = gateway_channel(&mesh).await;
+    let channel = mesh.gateway_channel().await;
     let user = new_user(&mut UserServiceClient::new(channel.clone())).await;
     let load = Load::start(channel, 16, &user.id, Some(Duration::from_secs(2)));
     load.warm_up().await;
@@ -349,7 +337,7 @@ async fn a_hung_replica_is_ejected_and_comes_back_and_throughput_holds() {
 async fn a_restarted_replica_gets_its_share_back_while_others_are_healthy() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (_dir, mesh) = start(&["--replicas", "user=3"], &[]).await;
-    let channel = gateway_channel(&mesh).await;
+    let channel = mesh.gateway_channel().await;
     let user = new_user(&mut UserServiceClient::new(channel.clone())).await;
     let load = Load::start(channel, 16, &user.id, Some(Duration::from_secs(2)));
     load.warm_up().await;
@@ -455,7 +443,7 @@ async fn a_probe_that_times_out_or_is_cancelled_keeps_the_endpoint_out_one_backo
         .as_str()
         .unwrap()
         .to_owned();
-    let channel = gateway_channel(&mesh).await;
+    let channel = mesh.gateway_channel().await;
     let mut users = UserServiceClient::new(channel);
     let user = new_user(&mut users).await;
 
@@ -487,7 +475,7 @@ async fn a_probe_that_times_out_or_is_cancelled_keeps_the_endpoint_out_one_backo
 async fn cancelled_calls_do_not_shun_a_replica() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (_dir, mesh) = start(&["--replicas", "user=2"], &[]).await;
-    let channel = gateway_channel(&mesh).await;
+    let channel = mesh.gateway_channel().await;
     let user = new_user(&mut UserServiceClient::new(channel.clone())).await;
     let load = Load::start(channel.clone(), 8, &user.id, None);
     load.warm_up().await;

@@ -40,18 +40,6 @@ async fn start_with_timeout(dir: &Path, extra: &[&str], upstream_timeout: &str) 
     .await
 }
 
-async fn gateway(mesh: &Mesh) -> Channel {
-    let url = format!(
-        "http://{}",
-        mesh.mesh_json()["gateway"]["addr"].as_str().unwrap()
-    );
-    tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 /// Payment processes stopped with SIGSTOP; every one still stopped is
 /// continued on drop, so a failing test leaves no frozen process behind
 /// (a stopped child would not act on its parent-death signal).
@@ -227,7 +215,7 @@ async fn a_hung_payment_never_keeps_money_or_invites_a_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     // An upstream timeout longer than the caller deadline used below.
     let mesh = start_with_timeout(dir.path(), &["--fulfilment-step", "1h"], "3s").await;
-    let channel = gateway(&mesh).await;
+    let channel = mesh.gateway_channel().await;
     let mut orders = OrderServiceClient::new(channel.clone());
     let buyer = new_user(&mut UserServiceClient::new(channel)).await;
     let paused = Paused::default();
@@ -332,7 +320,7 @@ async fn fulfilment_keeps_its_pace_while_payment_hangs() {
     const OWED: usize = 16;
     let dir = tempfile::tempdir().unwrap();
     let mesh = start(dir.path(), &["--fulfilment-step", "2s"]).await;
-    let channel = gateway(&mesh).await;
+    let channel = mesh.gateway_channel().await;
     let mut orders = OrderServiceClient::new(channel.clone());
     let buyer = new_user(&mut UserServiceClient::new(channel.clone())).await;
     let mut to_cancel = Vec::new();
@@ -620,7 +608,7 @@ async fn chaos_loses_no_money_and_charges_no_purchase_twice() {
         ],
     )
     .await;
-    let channel = gateway(&mesh).await;
+    let channel = mesh.gateway_channel().await;
     let buyer = new_user(&mut UserServiceClient::new(channel.clone())).await;
     let tally = Arc::new(Mutex::new(Tally::default()));
     let until = Instant::now() + run_for;

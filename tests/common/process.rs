@@ -102,6 +102,15 @@ impl Mesh {
         )
     }
 
+    /// A connected channel to the gateway.
+    pub async fn gateway_channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.gateway_url())
+            .expect("gateway url")
+            .connect()
+            .await
+            .expect("connect to the gateway")
+    }
+
     pub fn app_url(&self, service: &str) -> String {
         format!(
             "http://{}",
