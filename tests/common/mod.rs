@@ -57,11 +57,14 @@ pub async fn start_shop(step: Duration) -> Shop {
     let (user_listener, user_url) = listener().await;
     let (payment_listener, payment_url) = listener().await;
     let (order_listener, order_url) = listener().await;
-    let db = |name: &str| -> PathBuf { dir.path().join(format!("{name}.db")) };
+    let db = |name: &str| {
+        minimesh_runtime::store::DbTarget::Sqlite(dir.path().join(format!("{name}.db")))
+    };
 
     let user = minimesh_user::UserConfig {
         listen: String::new(),
         db: db("user"),
+        db_schema: "minimesh_user".into(),
         metrics_listen: None,
     };
     tokio::spawn(minimesh_user::serve(
@@ -72,6 +75,7 @@ pub async fn start_shop(step: Duration) -> Shop {
     let payment = minimesh_payment::PaymentConfig {
         listen: String::new(),
         db: db("payment"),
+        db_schema: "minimesh_payment".into(),
         metrics_listen: None,
         charge_limit_cents: 100_000,
         debug_delay: None,
@@ -84,6 +88,7 @@ pub async fn start_shop(step: Duration) -> Shop {
     let order = minimesh_order::OrderConfig {
         listen: String::new(),
         db: db("order"),
+        db_schema: "minimesh_order".into(),
         metrics_listen: None,
         user_addr: user_url.clone(),
         payment_addr: payment_url.clone(),
