@@ -397,3 +397,12 @@ def test_the_init_script_gives_each_service_its_own_role_and_database():
         for other in checks["others"]:
             assert other[0] != 0 and "permission denied for database" in other[2], other
         assert checks["wrong_password"][0] != 0 and "password authentication failed" in checks["wrong_password"][2]
+
+
+def test_notes_say_where_the_data_lives():
+    def notes(values):
+        return " ".join(chart.render_all(values)["minimesh/templates/NOTES.txt"].split())
+    assert "SQLite on one volume per service, so one replica each" in notes({})
+    assert "postgresql.enabled=true or externalDatabase.existingSecret=NAME" in notes({})
+    assert "Storage: PostgreSQL shop-minimesh-postgresql" in notes(POSTGRESQL)
+    assert "the PostgreSQL named in Secret shop-db (key database-url)" in notes(EXTERNAL_VALUES)
