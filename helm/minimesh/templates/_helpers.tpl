@@ -223,7 +223,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- range .upstreams }}
 {{- $_ := set $upstreams . (dict "dns" (printf "%s.%s.svc.cluster.local:4143" (include "minimesh.headless" (dict "root" $root "name" .)) $root.Release.Namespace)) }}
 {{- end }}
-{{- $config := dict "trustDomain" $root.Values.mesh.trustDomain "namespace" $root.Release.Namespace "upstreams" $upstreams }}
+{{- /* The proxy knows no protos: the gRPC package prefix of each upstream is configuration. */}}
+{{- $routes := dict }}
+{{- range .upstreams }}
+{{- $_ := set $routes (printf "shop.%s." .) . }}
+{{- end }}
+{{- $config := dict "trustDomain" $root.Values.mesh.trustDomain "namespace" $root.Release.Namespace "upstreams" $upstreams "routes" $routes }}
 {{- if .service }}
 {{- $_ := set $config "service" .service }}
 {{- $_ := set $config "allow" (get $root.Values.mesh.policy .service) }}
