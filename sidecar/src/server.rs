@@ -22,7 +22,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use minimesh_certs::SpiffeId;
-use minimesh_runtime::trace::{continue_trace, inject_trace, record_ids, record_status};
+use minimesh_telemetry::trace::{continue_trace, inject_trace, record_ids, record_status};
 use minimesh_traffic::discover::{self, HostsFileResolver, Resolve, SystemResolver};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -201,7 +201,7 @@ fn naming(identity: &IdentityArgs, file: &FileConfig) -> (String, String) {
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, SidecarError> {
-    let listener = minimesh_runtime::listen::bind(addr)
+    let listener = minimesh_telemetry::listen::bind(addr)
         .await
         .map_err(|source| SidecarError::Bind {
             what,
@@ -551,7 +551,7 @@ enum SpanKind {
 fn proxy_span(kind: SpanKind, role: &'static str, path: &str) -> Span {
     // Without an exporter a call's span would only feed log lines, at a cost
     // per call (BENCHMARKS.md); the trace headers pass through either way.
-    if !minimesh_runtime::telemetry::exporting() {
+    if !minimesh_telemetry::telemetry::exporting() {
         return Span::none();
     }
     let name = path.trim_start_matches('/');

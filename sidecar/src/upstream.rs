@@ -256,7 +256,7 @@ impl Upstream {
             let attempt_span = tracing::info_span!("proxy.attempt", otel.name = %format!("{} attempt {attempt}", path.trim_start_matches('/')),
                 otel.kind = "client", attempt, probe, server.address = %endpoint.addr());
             let mut request = build_request(&method, &uri, version, &headers, body, deadline);
-            minimesh_runtime::trace::inject_trace(&attempt_span, request.headers_mut());
+            minimesh_telemetry::trace::inject_trace(&attempt_span, request.headers_mut());
             let per_try = match (self.policy.per_try_timeout, deadline) {
                 (Some(per_try), Some(d)) if per_try < d.remaining() => Some(per_try),
                 (Some(per_try), None) => Some(per_try),
