@@ -361,8 +361,7 @@ def test_every_container_is_hardened(rendering):
             assert ctx.get("readOnlyRootFilesystem") is True, where
             assert ctx.get("allowPrivilegeEscalation") is False, where
             assert ctx.get("capabilities", {}).get("drop") == ["ALL"], where
-            if obj["kind"] != "Job" and container["name"] not in ("health-through-gateway",):
-                assert "resources" in container, where
+            assert "resources" in container, where
 
 
 def issuer_deployment(objects):
