@@ -17,7 +17,7 @@ COPY . .
 # Registry and target directory live in BuildKit caches, so a rebuild compiles only what changed.
 # The target directory is a cache mount, hence the copy out to /out in the same step.
 # CARGO_PROFILE_RELEASE_STRIP drops symbols and debug info (about 80 MB -> 15 MB).
-# MINIMESH_GIT_COMMIT is for build.rs, which today takes the commit from `git` only (no .git here).
+# build.rs takes the commit from MINIMESH_GIT_COMMIT when set (there is no .git here).
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \

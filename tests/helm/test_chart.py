@@ -150,7 +150,7 @@ def test_every_service_pod_runs_the_service_and_its_sidecar(rendering):
         else:
             assert "sidecar" in [c["name"] for c in spec["containers"]]
             assert not spec.get("initContainers")
-        assert spec["serviceAccountName"] == service, "the ServiceAccount name is the identity"
+        assert spec["serviceAccountName"] == f"{fullname(values)}-{service}", "the release's prefix, then the identity"
         if storage(values) == "sqlite":
             # SQLite is single-host: each pod owns a volume.
             assert sts["kind"] == "StatefulSet", f"{name}: {service}"
@@ -539,16 +539,20 @@ def test_only_the_issuer_holds_the_trust_anchor_key(rendering):
 def test_proxies_get_their_certificates_from_the_issuer(rendering):
     """Every sidecar and the gateway: the issuer's address and TLS name, a projected token bound
     to the issuer's audience, the namespace from the downward API, the trust anchor's certificate,
-    no certificate or key files, and a ServiceAccount named as the identity it asks for."""
+    no certificate or key files, and a ServiceAccount named as the identity it asks for after the
+    release's prefix, which the issuer is told to take off."""
     name, values, objects, _ = rendering
     v = effective(values)
     found = list(proxies(objects))
     assert sorted(identity for identity, _, _ in found) == sorted(SERVICES + ["gateway"])
     issuer = issuer_deployment(objects)
+    if issuer:
+        issuer_env = env_of(issuer["spec"]["template"]["spec"]["containers"][0])
+        assert issuer_env["MINIMESH_SERVICE_ACCOUNT_PREFIX"] == f"{fullname(values)}-", name
     for identity, spec, proxy in found:
         where = f"{name}: {identity}"
         env = env_of(proxy)
-        assert spec["serviceAccountName"] == identity, where
+        assert spec["serviceAccountName"] == f"{fullname(values)}-{identity}", where
         assert spec["automountServiceAccountToken"] is False, where
         mounts = {m["name"]: m for m in proxy["volumeMounts"]}
         volumes = {vol["name"]: vol for vol in spec["volumes"]}

@@ -391,7 +391,6 @@ def test_the_binary_takes_the_ordinal_and_refuses_a_pod_name_as_replica():
 
 # Two releases ------------------------------------------------------------------------------------------
 
-KNOWN_SHARED = {("ServiceAccount", name) for name in chart.SERVICES + ["gateway"]}
 
 
 def named_objects(objects):
@@ -400,19 +399,17 @@ def named_objects(objects):
 
 @pytest.mark.parametrize("values", [{}, WITH_EVERYTHING | {"networkPolicy": {"enabled": True}, "metrics": {"podMonitor": {"enabled": True}}} | EDGE,
                                     {"certManager": {"enabled": True}}], ids=["default", "everything", "cert-manager"])
-def test_two_releases_in_one_namespace_share_only_the_identity_service_accounts(values):
-    """Every object of two releases in one namespace is named after its release, but for the
-    ServiceAccounts named as the mesh identities (`spiffe://<td>/ns/<ns>/sa/<name>`): the issuer
-    maps a ServiceAccount to the identity of the same name, and each proxy asks for, and each
-    sidecar expects of its upstreams, the identity named as the service. Renaming them needs the
-    binary to map names (README, "Kubernetes"); until then one release per namespace."""
+def test_two_releases_in_one_namespace_share_no_object(values):
+    """Every object of two releases in one namespace is named after its release, the mesh
+    identities' ServiceAccounts included (`<release>-minimesh-<identity>`): the issuer takes the
+    release's prefix off to form `spiffe://<td>/ns/<ns>/sa/<identity>`."""
     config = helm_python.Config(storage_driver="memory", namespace=NAMESPACE)
     rendered = {}
     for release in ("shop", "staging"):
         manifest = config.install(str(chart.CHART), release, values, dry_run="client")["manifest"]
         rendered[release] = [d for d in yaml.safe_load_all(manifest) if d]
     shared = named_objects(rendered["shop"]) & named_objects(rendered["staging"])
-    assert shared == KNOWN_SHARED, shared
+    assert shared == set(), shared
 
 
 def test_releases_of_one_name_in_two_namespaces_share_no_cluster_object():

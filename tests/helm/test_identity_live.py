@@ -356,7 +356,8 @@ def test_every_proxy_gets_its_certificate_from_the_issuer_the_chart_deploys(name
                                     scraped.add(component)
                 assert scraped == set(chart.SERVICES + ["gateway", "identity"]), f"{name}: PodMonitor scraped {scraped}"
             reviewed = {r["spec"]["token"].split(":")[2] for r in api.reviews}
-            assert reviewed == set(chart.SERVICES + ["gateway"]), f"{name}: TokenReviews for {reviewed}"
+            prefix = f"{chart.fullname(values)}-"
+            assert reviewed == {prefix + i for i in chart.SERVICES + ["gateway"]}, f"{name}: TokenReviews for {reviewed}"
             assert all(r["path_ok"] and r["authorised"] for r in api.reviews), "the issuer calls TokenReview with its own token"
             assert all(r["spec"]["audiences"] == ["minimesh-identity"] for r in api.reviews)
         finally:

@@ -515,3 +515,10 @@ exporters:
   jaeger_storage_exporter:
     trace_storage: memstore
 {{- end }}
+
+{{/* ServiceAccounts of mesh identities are named <prefix><identity>, so two releases can share a
+namespace; the issuer takes the prefix off (MINIMESH_SERVICE_ACCOUNT_PREFIX) to form
+spiffe://<td>/ns/<ns>/sa/<identity>. */}}
+{{- define "minimesh.serviceAccountPrefix" -}}
+{{- printf "%s-" (include "minimesh.fullname" .) -}}
+{{- end }}
