@@ -2,7 +2,9 @@
 //! loopback ports, each with its own SQLite file in a temporary directory.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod collector;
+pub mod pg;
 pub mod process;
 
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
