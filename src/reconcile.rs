@@ -16,6 +16,10 @@ pub struct ReconcileArgs {
     /// Saga work (a PENDING order, a refund owed) older than this is a violation; younger is in flight.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
     bound: Duration,
+    /// The PostgreSQL URL the mesh was started with (`up --database-url`);
+    /// without it, the SQLite files in the data dir are read.
+    #[arg(long, env = "MINIMESH_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// Output format.
     #[arg(short = 'o', long, value_parser = ["text", "json"], default_value = "text")]
     output: String,
@@ -23,18 +27,37 @@ pub struct ReconcileArgs {
 
 /// Returns whether the records are clean.
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<bool> {
-    let open = |name: &str| -> anyhow::Result<PathBuf> {
-        let path = args.data_dir.join(format!("{name}.db"));
-        if !path.is_file() {
-            bail!("{} does not exist", path.display());
+    let (payments, orders) = match &args.database_url {
+        Some(url) => {
+            let shown = minimesh_runtime::store::redact(url);
+            let payments = minimesh_payment::PgPaymentStore::connect(url, "minimesh_payment")
+                .await
+                .with_context(|| format!("connecting to {shown}"))?;
+            let target = minimesh_runtime::store::DbTarget::Postgres(url.clone());
+            let orders = minimesh_order::OrderStore::open_target(&target, "minimesh_order")
+                .await
+                .with_context(|| format!("connecting to {shown}"))?;
+            (
+                minimesh_payment::AnyPaymentStore::Postgres(payments),
+                orders,
+            )
         }
-        Ok(path)
+        None => {
+            let open = |name: &str| -> anyhow::Result<PathBuf> {
+                let path = args.data_dir.join(format!("{name}.db"));
+                if !path.is_file() {
+                    bail!("{} does not exist", path.display());
+                }
+                Ok(path)
+            };
+            let (order_db, payment_db) = (open("order")?, open("payment")?);
+            let payments = minimesh_payment::SqlitePaymentStore::open_read_only(&payment_db)
+                .with_context(|| format!("opening {}", payment_db.display()))?;
+            let orders = minimesh_order::OrderStore::open_read_only(&order_db)
+                .with_context(|| format!("opening {}", order_db.display()))?;
+            (minimesh_payment::AnyPaymentStore::Sqlite(payments), orders)
+        }
     };
-    let (order_db, payment_db) = (open("order")?, open("payment")?);
-    let payments = minimesh_payment::SqlitePaymentStore::open_read_only(&payment_db)
-        .with_context(|| format!("opening {}", payment_db.display()))?;
-    let orders = minimesh_order::OrderStore::open_read_only(&order_db)
-        .with_context(|| format!("opening {}", order_db.display()))?;
     // Payments before and after the orders (see `reconcile::check`).
     let before = payment_facts(&payments).await?;
     let order_facts = orders.facts().await?;
@@ -68,7 +91,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<bool> {
 }
 
 async fn payment_facts(
-    store: &minimesh_payment::SqlitePaymentStore,
+    store: &minimesh_payment::AnyPaymentStore,
 ) -> anyhow::Result<Vec<PaymentFacts>> {
     Ok(store
         .all()

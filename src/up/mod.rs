@@ -56,6 +56,12 @@ pub struct UpArgs {
     /// OTLP/gRPC endpoint every service and sidecar exports traces to.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// A PostgreSQL URL: every service keeps its data there, each in its own
+    /// schema, and no SQLite file is created. Without it, SQLite files in
+    /// the data dir. Handed to the services in their environment, so the
+    /// password shows in no command line.
+    #[arg(long, env = "MINIMESH_DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Wait before restarting a child that died (doubles while it keeps dying).
     #[arg(long, env = "MINIMESH_RESTART_DELAY", value_parser = humantime::parse_duration, default_value = "100ms")]
     pub restart_delay: Duration,
@@ -142,7 +148,8 @@ struct InstanceEntry {
     outbound: String,
     admin: String,
     identity: String,
-    db: PathBuf,
+    /// The SQLite file, or the PostgreSQL URL without its password.
+    db: String,
     log: PathBuf,
     sidecar_log: PathBuf,
 }
@@ -155,7 +162,7 @@ struct Instance {
     inbound: SocketAddr,
     outbound: SocketAddr,
     admin: SocketAddr,
-    db: PathBuf,
+    db: String,
     child: usize,
     sidecar: usize,
 }
@@ -324,7 +331,10 @@ fn plan(
                 inbound: reserve()?,
                 outbound: reserve()?,
                 admin: reserve()?,
-                db: data_dir.join(format!("{service}.db")),
+                db: match &args.database_url {
+                    Some(url) => minimesh_runtime::store::redact(url),
+                    None => data_dir.join(format!("{service}.db")).display().to_string(),
+                },
                 child: 0,
                 sidecar: 0,
             });
@@ -409,11 +419,14 @@ fn plan(
             s(service),
             s("--listen"),
             s(instance.app),
-            s("--db"),
-            s(instance.db.display()),
             s("--metrics-listen"),
             s(instance.metrics),
         ];
+        let mut service_env = child_env(format!("minimesh-{service}"), replica);
+        match &args.database_url {
+            Some(url) => service_env.push((s("MINIMESH_DB"), url.clone())),
+            None => service_args.extend([s("--db"), instance.db.clone()]),
+        }
         let name = format!("{service}-{replica}");
         for spec in args.debug_delay.iter().filter(|_| service == "payment") {
             if let Some(delay) = spec.strip_prefix(&format!("{name}=")) {
@@ -457,7 +470,7 @@ fn plan(
         children.push(Child::new(
             name.clone(),
             service_args,
-            child_env(format!("minimesh-{service}"), replica),
+            service_env,
             logs,
             Probe::Grpc(instance.app),
             take(&[instance.app, instance.metrics]),
@@ -758,6 +771,14 @@ async fn wait_ready(children: &[Child]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_database_url(value: &str) -> Result<String, String> {
+    if minimesh_runtime::pg::is_postgres_url(value) {
+        Ok(value.to_owned())
+    } else {
+        Err("expected a postgres:// or postgresql:// URL".into())
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! the data dir, or a private PostgreSQL server. Scenarios take a `Backend`
 //! so that one scenario runs against both.
 
-use super::pg::PgServer;
 use super::process::{Mesh, start_mesh_with_env};
+use minimesh_testpg::PgServer;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,9 +16,8 @@ impl Backend {
     /// A PostgreSQL server with an empty database for the mesh; `None`
     /// when PostgreSQL is not installed (the test then skips; see `PgServer`).
     pub async fn postgres() -> Option<Self> {
-        let server = PgServer::start().await?;
-        server.create_database("minimesh").await;
-        let url = server.url("minimesh");
+        let server = PgServer::start()?;
+        let url = server.create_database("minimesh");
         Some(Self::Postgres { server, url })
     }
 

@@ -4,7 +4,6 @@
 
 pub mod backend;
 pub mod collector;
-pub mod pg;
 pub mod process;
 
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
@@ -59,11 +58,14 @@ pub async fn start_shop(step: Duration) -> Shop {
     let (user_listener, user_url) = listener().await;
     let (payment_listener, payment_url) = listener().await;
     let (order_listener, order_url) = listener().await;
-    let db = |name: &str| -> PathBuf { dir.path().join(format!("{name}.db")) };
+    let db = |name: &str| {
+        minimesh_runtime::store::DbTarget::Sqlite(dir.path().join(format!("{name}.db")))
+    };
 
     let user = minimesh_user::UserConfig {
         listen: String::new(),
         db: db("user"),
+        db_schema: "minimesh_user".into(),
         metrics_listen: None,
     };
     tokio::spawn(minimesh_user::serve(
@@ -74,6 +76,7 @@ pub async fn start_shop(step: Duration) -> Shop {
     let payment = minimesh_payment::PaymentConfig {
         listen: String::new(),
         db: db("payment"),
+        db_schema: "minimesh_payment".into(),
         metrics_listen: None,
         charge_limit_cents: 100_000,
         debug_delay: None,
@@ -86,6 +89,7 @@ pub async fn start_shop(step: Duration) -> Shop {
     let order = minimesh_order::OrderConfig {
         listen: String::new(),
         db: db("order"),
+        db_schema: "minimesh_order".into(),
         metrics_listen: None,
         user_addr: user_url.clone(),
         payment_addr: payment_url.clone(),

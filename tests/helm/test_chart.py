@@ -87,6 +87,23 @@ def all_containers(spec):
     return spec.get("initContainers", []) + spec["containers"]
 
 
+def storage(values):
+    """Where the services keep their data for these values: sqlite, postgresql or external."""
+    v = effective(values)
+    if v["postgresql"]["enabled"]:
+        return "postgresql"
+    return "external" if v["externalDatabase"]["existingSecret"] else "sqlite"
+
+
+def service_workloads(objects):
+    """{service: its StatefulSet or Deployment}."""
+    return {
+        o["metadata"]["labels"]["app.kubernetes.io/component"]: o
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["labels"]["app.kubernetes.io/component"] in SERVICES
+    }
+
+
 def test_lint_is_clean():
     for name, values in MATRIX:
         report = helm_python.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version="v" + KUBE_VERSION)
@@ -109,9 +126,9 @@ def test_every_object_is_valid_kubernetes(rendering):
 def test_every_service_pod_runs_the_service_and_its_sidecar(rendering):
     name, values, objects, _ = rendering
     native = values.get("mesh", {}).get("nativeSidecars", True)
-    statefulsets = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in by_kind(objects, "StatefulSet")}
-    assert sorted(statefulsets) == sorted(SERVICES)
-    for service, sts in statefulsets.items():
+    workloads = service_workloads(objects)
+    assert sorted(workloads) == sorted(SERVICES)
+    for service, sts in workloads.items():
         spec = sts["spec"]["template"]["spec"]
         assert [c["name"] for c in spec["containers"]][0] == service
         if native:
@@ -121,7 +138,13 @@ def test_every_service_pod_runs_the_service_and_its_sidecar(rendering):
             assert "sidecar" in [c["name"] for c in spec["containers"]]
             assert not spec.get("initContainers")
         assert spec["serviceAccountName"] == service, "the ServiceAccount name is the identity"
-        assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+        if storage(values) == "sqlite":
+            # SQLite is single-host: each pod owns a volume.
+            assert sts["kind"] == "StatefulSet", f"{name}: {service}"
+            assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+        else:
+            assert sts["kind"] == "Deployment", f"{name}: {service}"
+            assert not spec.get("volumes", []) or all(v["name"] != "data" for v in spec["volumes"])
 
 
 def sidecar_configs(objects):
@@ -203,6 +226,9 @@ def test_every_probe_points_at_a_port_the_container_opens(rendering):
                 probe = container.get(probe_kind)
                 if not probe:
                     continue
+                if probe.get("exec"):
+                    assert probe["exec"]["command"], f"{name}: {container['name']} {probe_kind} runs nothing"
+                    continue
                 action = probe.get("httpGet") or probe.get("grpc") or probe.get("tcpSocket")
                 assert action, f"{name}: {container['name']} {probe_kind} has no action"
                 assert action["port"] in declared_ports(container), (
@@ -213,7 +239,7 @@ def test_every_probe_points_at_a_port_the_container_opens(rendering):
 def test_probes_go_to_the_sidecar_admin_port(rendering):
     """Kubelet never dials a service's own port (it is on loopback): the sidecar answers for it."""
     name, _, objects, _ = rendering
-    for sts in by_kind(objects, "StatefulSet"):
+    for sts in service_workloads(objects).values():
         spec = sts["spec"]["template"]["spec"]
         where = f"{name}: {sts['metadata']['name']}"
         sidecar = next(c for c in all_containers(spec) if c["name"] == "sidecar")
@@ -250,7 +276,7 @@ def test_services_listen_on_loopback_only(rendering):
     """Inside each service pod the service's gRPC and metrics ports are bound to 127.0.0.1, no
     container or Service publishes them, and the sidecar forwards to exactly that address."""
     name, _, objects, _ = rendering
-    for sts in by_kind(objects, "StatefulSet"):
+    for sts in service_workloads(objects).values():
         spec = sts["spec"]["template"]["spec"]
         where = f"{name}: {sts['metadata']['name']}"
         service = env_of(spec["containers"][0])
@@ -309,7 +335,7 @@ def uses_cert_manager(values):
 
 def test_no_job_no_kubectl_no_per_identity_secret(rendering):
     """Nothing runs at install but the workloads: no hook Job, no kubectl image, no Role reading
-    Secrets, and the only Secret the chart writes is the trust anchor's."""
+    Secrets, and the only Secrets the chart writes are the trust anchor's and its PostgreSQL's."""
     name, values, objects, hooks = rendering
     assert not [o for o in objects + hooks if o["kind"] in ("Job", "CronJob", "Role", "RoleBinding")], name
     assert [h["metadata"]["annotations"]["helm.sh/hook"] for h in hooks] == ["test"], f"{name}: hooks other than the helm test"
@@ -319,7 +345,10 @@ def test_no_job_no_kubectl_no_per_identity_secret(rendering):
     secrets = [s["metadata"]["name"] for s in by_kind(objects, "Secret")]
     ta = effective(values)["identity"]["trustAnchor"]
     owned = not uses_cert_manager(values) and not ta["existingSecret"]
-    assert secrets == ([f"{fullname(values)}-trust-anchor"] if owned else []), f"{name}: {secrets}"
+    expected = [f"{fullname(values)}-trust-anchor"] if owned else []
+    if storage(values) == "postgresql":
+        expected.append(f"{fullname(values)}-postgresql")
+    assert sorted(secrets) == sorted(expected), f"{name}: {secrets}"
     for role in by_kind(objects, "ClusterRole"):
         for rule in role["rules"]:
             assert "secrets" not in rule["resources"], f"{name}: {role['metadata']['name']} reaches Secrets"
@@ -403,10 +432,11 @@ def test_trust_anchor_comes_from_values_an_existing_secret_or_the_chart(renderin
         return
     ta = effective(values)["identity"]["trustAnchor"]
     configmaps = {c["metadata"]["name"]: c for c in by_kind(objects, "ConfigMap")}
+    anchors = [s for s in by_kind(objects, "Secret") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "trust-anchor"]
     if ta["existingSecret"]:
-        assert not by_kind(objects, "Secret") and f"{fullname(values)}-trust-anchor" not in configmaps
+        assert not anchors and f"{fullname(values)}-trust-anchor" not in configmaps
         return
-    [secret] = by_kind(objects, "Secret")
+    [secret] = anchors
     assert secret["type"] == "kubernetes.io/tls"
     labels = secret["metadata"]["labels"]
     assert labels["app.kubernetes.io/instance"] == RELEASE and labels["app.kubernetes.io/managed-by"] == "Helm"
@@ -422,7 +452,8 @@ def test_trust_anchor_comes_from_values_an_existing_secret_or_the_chart(renderin
         assert key.startswith("-----BEGIN PRIVATE KEY-----")
     annotations = {
         obj["metadata"]["name"]: obj["spec"]["template"]["metadata"]["annotations"]["checksum/trust-anchor"]
-        for obj, _ in pod_specs(objects) if obj["kind"] in ("Deployment", "StatefulSet") and obj["metadata"]["labels"]["app.kubernetes.io/component"] != "jaeger"
+        for obj, _ in pod_specs(objects)
+        if obj["kind"] in ("Deployment", "StatefulSet") and obj["metadata"]["labels"]["app.kubernetes.io/component"] not in ("jaeger", "postgresql")
     }
     # One trust anchor per rendering: every pod rolls when it changes.
     assert len(set(annotations.values())) == 1, annotations
@@ -534,7 +565,7 @@ def test_tracing_points_every_component_at_the_collector(rendering):
     jaeger = values.get("jaeger", {}).get("enabled", False)
     external = values.get("tracing", {}).get("otlpEndpoint", "")
     for obj, spec in pod_specs(objects):
-        if obj["metadata"]["labels"].get("app.kubernetes.io/component") in ("jaeger", "test"):
+        if obj["metadata"]["labels"].get("app.kubernetes.io/component") in ("jaeger", "test", "postgresql"):
             continue
         for container in all_containers(spec):
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
@@ -596,7 +627,9 @@ MESH = frozenset(SERVICES + ["gateway"])
 def test_network_policies_rule_by_rule(rendering):
     """Every rule of every policy, in both directions: the mesh port from the release's mesh pods
     only, the issuer from mesh pods only, the gateway port from gatewayFrom (anyone by default),
-    admin and metrics ports from adminFrom only (none by default), and nothing else in."""
+    admin and metrics ports from adminFrom only (none by default), the chart's PostgreSQL from the
+    service pods only, and nothing else in; out, the services reach their database (the chart's
+    server, or databaseTo on databasePorts) and the PostgreSQL server reaches nothing."""
     name, values, objects, _ = rendering
     policies = by_kind(objects, "NetworkPolicy")
     v = effective(values)
@@ -608,9 +641,10 @@ def test_network_policies_rule_by_rule(rendering):
     issuer = not uses_cert_manager(values)
     prefix = fullname(values) + "-"
     by_name = {p["metadata"]["name"].removeprefix(prefix): p for p in policies}
-    assert sorted(by_name) == sorted(["services", "gateway"] + (["identity"] if issuer else []))
-    targets = {"services": set(SERVICES), "gateway": {"gateway"}, "identity": {"identity"}}
-    given = [peers for peers in (np["adminFrom"], np["gatewayFrom"]) if peers]
+    mode = storage(values)
+    assert sorted(by_name) == sorted(["services", "gateway"] + (["identity"] if issuer else []) + (["postgresql"] if mode == "postgresql" else []))
+    targets = {"services": set(SERVICES), "gateway": {"gateway"}, "identity": {"identity"}, "postgresql": {"postgresql"}}
+    given = [peers for peers in (np["adminFrom"], np["gatewayFrom"], np["databaseTo"]) if peers]
 
     def expected_admin(port):
         return {(frozenset({port}), "values")} if np["adminFrom"] else set()
@@ -619,6 +653,7 @@ def test_network_policies_rule_by_rule(rendering):
         "services": {(frozenset({4143}), MESH)} | expected_admin(4191),
         "gateway": {(frozenset({50051}), "values" if np["gatewayFrom"] else "anywhere")} | expected_admin(4191),
         "identity": {(frozenset({8443}), MESH)} | expected_admin(9090),
+        "postgresql": {(frozenset({5432}), frozenset(SERVICES))},
     }
     tracing = set()
     if v["jaeger"]["enabled"]:
@@ -627,10 +662,16 @@ def test_network_policies_rule_by_rule(rendering):
         tracing = {(frozenset({4317}), "anywhere")}
     dns = {(frozenset({53}), "anywhere")}
     proxy_out = {(frozenset({4143}), MESH)} | ({(frozenset({8443}), frozenset({"identity"}))} if issuer else set()) | dns | tracing
+    database = set()
+    if mode == "postgresql":
+        database = {(frozenset({5432}), frozenset({"postgresql"}))}
+    elif mode == "external":
+        database = {(frozenset(np["databasePorts"]), "values" if np["databaseTo"] else "anywhere")}
     expected_out = {
-        "services": proxy_out,
+        "services": proxy_out | database,
         "gateway": proxy_out,
         "identity": {(frozenset(np["apiServerPorts"]), "anywhere")} | dns | tracing,
+        "postgresql": set(),
     }
     for short, policy in by_name.items():
         spec = policy["spec"]

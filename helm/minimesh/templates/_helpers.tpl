@@ -304,3 +304,79 @@ imagePullSecrets:
       mountPath: /etc/minimesh
       readOnly: true
 {{- end }}
+
+{{/* Where the services keep their data: "sqlite" (the default: one volume per pod), "postgresql"
+     (the server the chart deploys) or "external" (externalDatabase.existingSecret). */}}
+{{- define "minimesh.storage" -}}
+{{- if and .Values.postgresql.enabled .Values.externalDatabase.existingSecret }}
+{{- fail "postgresql.enabled=true and externalDatabase.existingSecret are exclusive: deploy PostgreSQL with the chart, or use the existing database, not both" }}
+{{- else if .Values.postgresql.enabled }}
+{{- "postgresql" }}
+{{- else if .Values.externalDatabase.existingSecret }}
+{{- "external" }}
+{{- else }}
+{{- "sqlite" }}
+{{- end }}
+{{- end }}
+
+{{/* The chart's PostgreSQL: its StatefulSet, Service and credentials Secret share this name. */}}
+{{- define "minimesh.postgresql" -}}
+{{- printf "%s-postgresql" (include "minimesh.fullname" .) }}
+{{- end }}
+
+{{/* The role, and the database it owns, of one service in the chart's PostgreSQL. */}}
+{{- define "minimesh.postgresqlRole" -}}
+{{- printf "minimesh_%s" . }}
+{{- end }}
+
+{{/* Passwords of the chart's PostgreSQL as JSON {"postgres", "user", "order", "payment"}: from the
+     Secret an earlier install created (lookup), or generated now. The server's data directory is
+     initialised with them once, so they must never change. Resolved once per render. */}}
+{{- define "minimesh.postgresqlPasswords" -}}
+{{- if not (hasKey . "minimeshPostgresqlPasswords") }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "minimesh.postgresql" .) }}
+{{- $data := dig "data" (dict) $existing }}
+{{- $passwords := dict }}
+{{- range $who := list "postgres" "user" "order" "payment" }}
+{{- $key := printf "%s-password" $who }}
+{{- if index $data $key }}
+{{- $_ := set $passwords $who (index $data $key | b64dec) }}
+{{- else }}
+{{- /* Letters and digits only: nothing to escape in a URL or in SQL. */}}
+{{- $_ := set $passwords $who (randAlphaNum 32) }}
+{{- end }}
+{{- end }}
+{{- $_ := set . "minimeshPostgresqlPasswords" $passwords }}
+{{- end }}
+{{- get . "minimeshPostgresqlPasswords" | toJson }}
+{{- end }}
+
+{{/* Where a service container reads MINIMESH_DB from: a Secret and key, never an inline URL.
+     Call with (dict "root" $ "name" "order"); only with a database. */}}
+{{- define "minimesh.databaseSecretRef" -}}
+{{- if eq (include "minimesh.storage" .root) "postgresql" }}
+name: {{ include "minimesh.postgresql" .root }}
+key: {{ .name }}-url
+{{- else }}
+name: {{ .root.Values.externalDatabase.existingSecret }}
+key: {{ .root.Values.externalDatabase.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/* The chart's PostgreSQL init script (/docker-entrypoint-initdb.d): per service, a login role
+     and a database owned by it that no other role may connect to. The entrypoint runs it against
+     its temporary server (socket only), with POSTGRES_USER and PGPASSWORD exported. */}}
+{{- define "minimesh.postgresqlInit" -}}
+#!/usr/bin/env bash
+set -euo pipefail
+for service in user order payment; do
+  password_var="MINIMESH_${service^^}_PASSWORD"
+  # psql variables quote the names and the password (:"x" as an identifier, :'x' as a literal).
+  psql -v ON_ERROR_STOP=1 --no-psqlrc --no-password --username "$POSTGRES_USER" --dbname postgres \
+    --set role="minimesh_${service}" --set password="${!password_var}" <<'SQL'
+CREATE ROLE :"role" LOGIN PASSWORD :'password';
+CREATE DATABASE :"role" OWNER :"role";
+REVOKE ALL ON DATABASE :"role" FROM PUBLIC;
+SQL
+done
+{{- end }}

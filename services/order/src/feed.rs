@@ -3,7 +3,8 @@
 //!
 //! Tailing the table, rather than broadcasting in-process writes, is what lets
 //! a watcher on one replica see changes another replica made. Local writes
-//! nudge the tailer so their events go out without waiting for the next poll.
+//! nudge the tailer so their events go out without waiting for the next poll;
+//! on PostgreSQL, so do other replicas' commits, through LISTEN/NOTIFY.
 //! The broadcast channel is bounded: a watcher that falls behind is told it
 //! lagged and re-reads its orders' events from the table, so a slow watcher
 //! never blocks the writer or other watchers.
@@ -41,7 +42,10 @@ impl Feed {
             sender,
             nudge: nudge.clone(),
         };
+        // PostgreSQL: other replicas' commits wake the tailer at once.
+        let notifications = tailer.store.listen(nudge.clone())?;
         tokio::spawn(async move {
+            let _notifications = notifications;
             loop {
                 tokio::select! {
                     _ = nudge.notified() => {}

@@ -2,13 +2,15 @@
 //! the payment service), runs fulfilment, and streams status changes.
 
 mod feed;
+mod pg_store;
 pub mod reconcile;
-mod store;
+pub mod store;
 mod watch;
 mod worker;
 
 pub use feed::Feed;
-pub use store::{OrderFacts, OrderStore, StoreError, status};
+pub use pg_store::PgOrderStore;
+pub use store::{OrderFacts, OrderStore, SqliteOrderStore, StoreError, status};
 
 use minimesh_proto::order::v1::order_service_server::{OrderService, OrderServiceServer};
 use minimesh_proto::order::v1::{
@@ -20,11 +22,11 @@ use minimesh_proto::payment::v1::{ChargeRequest, Payment, PaymentStatus, RefundR
 use minimesh_proto::user::v1::GetUserRequest;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_runtime::metrics::ServiceMetrics;
+use minimesh_runtime::store::DbTarget;
 use minimesh_runtime::trace::{RpcTrace, RpcTraceLayer};
 use minimesh_runtime::{grpc, page};
 use sha2::{Digest, Sha256};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store::{Claimed, Created, Cursor, ItemRecord, NewOrder, OrderRecord, Transition, Work};
@@ -38,9 +40,13 @@ pub struct OrderConfig {
     /// Address of the gRPC (h2c) listener.
     #[arg(long, env = "MINIMESH_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: String,
-    /// SQLite database file; created with its schema when missing.
+    /// SQLite database file (created with its schema when missing), or a
+    /// `postgres://` URL.
     #[arg(long, env = "MINIMESH_DB", default_value = "order.db")]
-    pub db: PathBuf,
+    pub db: DbTarget,
+    /// PostgreSQL schema holding this service's tables.
+    #[arg(long, env = "MINIMESH_DB_SCHEMA", default_value = "minimesh_order")]
+    pub db_schema: String,
     /// Where UserService is reached (in the mesh: this instance's sidecar outbound listener).
     #[arg(
         long,
@@ -90,9 +96,9 @@ pub struct Orders {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrderServiceError {
-    #[error("opening database {path}: {source}")]
+    #[error("opening database {target}: {source}")]
     Db {
-        path: PathBuf,
+        target: DbTarget,
         source: minimesh_runtime::db::DbError,
     },
     #[error("starting the change feed: {0}")]
@@ -152,10 +158,7 @@ impl Orders {
     fn store_status(&self, err: StoreError) -> Status {
         match err {
             StoreError::KeyReused(_) => Status::already_exists(err.to_string()),
-            StoreError::Db(err) => {
-                tracing::error!(%err, "order store failed");
-                Status::unavailable("order storage is unavailable, try again")
-            }
+            StoreError::Db(err) => grpc::store_status("order", &err),
         }
     }
 
@@ -867,16 +870,19 @@ pub async fn serve(
     config: OrderConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), OrderServiceError> {
-    let store = OrderStore::open(&config.db).map_err(|source| OrderServiceError::Db {
-        path: config.db.clone(),
-        source,
-    })?;
+    let store = OrderStore::open_target(&config.db, &config.db_schema)
+        .await
+        .map_err(|source| OrderServiceError::Db {
+            target: config.db.clone(),
+            source,
+        })?;
+    let backend = store.backend();
     let orders = Orders::new(store, &config).await?;
     let _metrics =
         minimesh_runtime::metrics::listen(config.metrics_listen.as_deref(), orders.metrics.clone())
             .await?;
     let workers = worker::spawn(orders.clone(), config.fulfilment_step);
-    let result = grpc::serve(listener, service(orders), shutdown).await;
+    let result = grpc::serve(listener, service(orders), backend, shutdown).await;
     for worker in workers {
         worker.abort();
     }

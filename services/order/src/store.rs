@@ -21,7 +21,9 @@
 //!   sharing the database do not work on one order at once, and a claimer that
 //!   dies leaves the order due again when the lease runs out.
 
-use minimesh_runtime::db::{Db, DbError};
+use crate::pg_store::PgOrderStore;
+use minimesh_runtime::db::{Db, DbError, DbFailure};
+use minimesh_runtime::store::{Backend, DbTarget};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 use std::path::Path;
 
@@ -235,14 +237,24 @@ pub enum StoreError {
     Db(#[from] DbError),
 }
 
+impl DbFailure for StoreError {
+    fn db_error(&self) -> Option<&DbError> {
+        match self {
+            StoreError::Db(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(err: rusqlite::Error) -> Self {
         StoreError::Db(err.into())
     }
 }
 
+/// Orders in SQLite (one host; replicas share the file).
 #[derive(Clone)]
-pub struct OrderStore {
+pub struct SqliteOrderStore {
     db: Db,
 }
 
@@ -350,7 +362,7 @@ fn apply(tx: &Transaction<'_>, id: &str, t: &Transition, now: i64) -> rusqlite::
     Ok(changed == 1)
 }
 
-impl OrderStore {
+impl SqliteOrderStore {
     pub fn open(path: &Path) -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open(path, MIGRATIONS)?,
@@ -371,20 +383,7 @@ impl OrderStore {
         })
     }
 
-    /// Stores a new PENDING order, or returns the one an earlier request with
-    /// the same idempotency key created (checked and inserted atomically).
-    /// Its settlement is owed from `settle_at_ms` on: the caller charges it
-    /// before then, and background settlement takes over if it does not.
-    pub async fn create_pending(
-        &self,
-        order: NewOrder,
-        settle_at_ms: i64,
-    ) -> Result<Created, StoreError> {
-        self.create_with_id(order, settle_at_ms, minimesh_runtime::new_id("ord"))
-            .await
-    }
-
-    async fn create_with_id(
+    pub async fn create_with_id(
         &self,
         order: NewOrder,
         settle_at_ms: i64,
@@ -769,6 +768,197 @@ impl OrderStore {
     }
 }
 
+/// The order store `--db` chose; every method behaves the same on both.
+#[derive(Clone)]
+pub struct OrderStore {
+    backend: Orders,
+}
+
+#[derive(Clone)]
+enum Orders {
+    Sqlite(SqliteOrderStore),
+    Postgres(PgOrderStore),
+}
+
+/// Calls the same method on whichever backend holds the orders.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match &$self.backend {
+            Orders::Sqlite(store) => store.$method($($arg),*).await,
+            Orders::Postgres(store) => store.$method($($arg),*).await,
+        }
+    };
+}
+
+impl OrderStore {
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        Ok(Self {
+            backend: Orders::Sqlite(SqliteOrderStore::open(path)?),
+        })
+    }
+
+    /// Opens the SQLite file or connects to PostgreSQL (schema `schema`).
+    pub async fn open_target(target: &DbTarget, schema: &str) -> Result<Self, DbError> {
+        Ok(match target {
+            DbTarget::Sqlite(path) => Self::open(path)?,
+            DbTarget::Postgres(url) => Self {
+                backend: Orders::Postgres(PgOrderStore::connect(url, schema).await?),
+            },
+        })
+    }
+
+    /// Opens a SQLite database read-only, without migrating it.
+    pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
+        Ok(Self {
+            backend: Orders::Sqlite(SqliteOrderStore::open_read_only(path)?),
+        })
+    }
+
+    pub fn in_memory() -> Result<Self, DbError> {
+        Ok(Self {
+            backend: Orders::Sqlite(SqliteOrderStore::in_memory()?),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match &self.backend {
+            Orders::Sqlite(store) => Backend::Sqlite(store.db.clone()),
+            Orders::Postgres(store) => Backend::Postgres(store.pg().clone()),
+        }
+    }
+
+    /// Wakes `wake` when another process commits an event (PostgreSQL's
+    /// NOTIFY); SQLite has no such signal and the feed polls it.
+    pub fn listen(
+        &self,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Result<Option<minimesh_runtime::pg::ListenHandle>, DbError> {
+        match &self.backend {
+            Orders::Sqlite(_) => Ok(None),
+            Orders::Postgres(store) => store.listen(wake).map(Some),
+        }
+    }
+
+    /// Stores a new PENDING order, or returns the one an earlier request with
+    /// the same idempotency key created (checked and inserted atomically).
+    /// Its settlement is owed from `settle_at_ms` on: the caller charges it
+    /// before then, and background settlement takes over if it does not.
+    pub async fn create_pending(
+        &self,
+        order: NewOrder,
+        settle_at_ms: i64,
+    ) -> Result<Created, StoreError> {
+        let id = minimesh_runtime::new_id("ord");
+        dispatch!(self.create_with_id(order, settle_at_ms, id))
+    }
+
+    /// [`create_pending`](Self::create_pending) with a chosen id (tests of
+    /// commit order against id order).
+    pub async fn create_with_id(
+        &self,
+        order: NewOrder,
+        settle_at_ms: i64,
+        id: String,
+    ) -> Result<Created, StoreError> {
+        dispatch!(self.create_with_id(order, settle_at_ms, id))
+    }
+
+    /// Applies `transition` if the order is still in `transition.from`.
+    /// Returns the order as it is afterwards and whether this call moved it.
+    pub async fn transition(
+        &self,
+        id: String,
+        transition: Transition,
+    ) -> Result<Option<(OrderRecord, bool)>, StoreError> {
+        dispatch!(self.transition(id, transition))
+    }
+
+    pub async fn get(&self, id: String) -> Result<Option<OrderRecord>, StoreError> {
+        dispatch!(self.get(id))
+    }
+
+    /// Orders after cursor position `after` (optionally of one user), in
+    /// commit order. Any order committed after a page was read has a larger
+    /// seq than every order on it, so following the cursor never skips one.
+    pub async fn list(
+        &self,
+        user_id: Option<String>,
+        after: Cursor,
+        limit: u32,
+    ) -> Result<Vec<OrderRecord>, StoreError> {
+        dispatch!(self.list(user_id, after, limit))
+    }
+
+    /// The newest event of one order: its current status and feed position.
+    pub async fn latest_event(&self, order_id: String) -> Result<Option<EventRecord>, StoreError> {
+        dispatch!(self.latest_event(order_id))
+    }
+
+    /// Events after `seq`, optionally of one order, oldest first.
+    pub async fn events_after(
+        &self,
+        seq: i64,
+        order_id: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        dispatch!(self.events_after(seq, order_id, limit))
+    }
+
+    pub async fn last_seq(&self) -> Result<i64, StoreError> {
+        dispatch!(self.last_seq())
+    }
+
+    /// Moves every order whose fulfilment step is due one step on
+    /// (PAID → SHIPPED → DELIVERED). Returns the statuses they moved to.
+    pub async fn advance_due(
+        &self,
+        now_ms: i64,
+        step_ms: i64,
+        batch: u32,
+    ) -> Result<Vec<i32>, StoreError> {
+        dispatch!(self.advance_due(now_ms, step_ms, batch))
+    }
+
+    /// Claims up to `limit` orders owing `work` that are due at `now_ms`:
+    /// each one's `retry_at_ms` moves on per `schedule` and its attempt count
+    /// grows, in one transaction, so no other replica claims it meanwhile.
+    pub async fn claim_due(
+        &self,
+        work: Work,
+        now_ms: i64,
+        schedule: Schedule,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        dispatch!(self.claim_due(work, now_ms, schedule, limit))
+    }
+
+    /// Sets when owed `work` on an order is next due, if it is still owed.
+    pub async fn reschedule(&self, id: String, work: Work, at_ms: i64) -> Result<(), StoreError> {
+        dispatch!(self.reschedule(id, work, at_ms))
+    }
+
+    /// Records the payment of a CANCELLED order whose charge outcome was
+    /// unknown (see [`SqliteOrderStore::record_payment`]).
+    pub async fn record_payment(
+        &self,
+        id: String,
+        payment_id: String,
+        captured: bool,
+    ) -> Result<Option<OrderRecord>, StoreError> {
+        dispatch!(self.record_payment(id, payment_id, captured))
+    }
+
+    /// The refund of a cancelled order went through (or nothing was owed).
+    pub async fn refund_done(&self, order_id: String) -> Result<(), StoreError> {
+        dispatch!(self.refund_done(order_id))
+    }
+
+    /// Every order, as the reconciliation check sees it.
+    pub async fn facts(&self) -> Result<Vec<OrderFacts>, StoreError> {
+        dispatch!(self.facts())
+    }
+}
+
 /// Where a ListOrders page starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cursor {
@@ -777,277 +967,4 @@ pub enum Cursor {
     Seq(i64),
     /// After this order id (tokens issued before paging followed commit order).
     LegacyId(String),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn new_order(key: Option<&str>, hash: &str) -> NewOrder {
-        NewOrder {
-            user_id: "usr_1".into(),
-            items: vec![ItemRecord {
-                sku: "a".into(),
-                quantity: 2,
-                unit_price_cents: 150,
-            }],
-            total_cents: 300,
-            currency: "EUR".into(),
-            idempotency_key: key.map(str::to_owned),
-            request_hash: hash.into(),
-            legacy_hash: None,
-        }
-    }
-
-    fn paid(payment: &str, next: i64) -> Transition {
-        Transition {
-            from: status::PENDING,
-            to: status::PAID,
-            reason: String::new(),
-            payment_id: Some(payment.into()),
-            next_step_at_ms: Some(next),
-            refund_pending: false,
-            retry_at_ms: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn idempotency_key_returns_existing_or_refuses_other_content() {
-        let store = OrderStore::in_memory().unwrap();
-        let Created::New(first) = store
-            .create_pending(new_order(Some("k"), "h1"), 0)
-            .await
-            .unwrap()
-        else {
-            panic!("first create must be new");
-        };
-        let Created::Existing(again) = store
-            .create_pending(new_order(Some("k"), "h1"), 0)
-            .await
-            .unwrap()
-        else {
-            panic!("second create must find the first");
-        };
-        assert_eq!(first, again);
-        assert!(matches!(
-            store.create_pending(new_order(Some("k"), "h2"), 0).await,
-            Err(StoreError::KeyReused(_))
-        ));
-    }
-
-    #[tokio::test]
-    async fn transitions_are_compare_and_set_and_logged() {
-        let store = OrderStore::in_memory().unwrap();
-        let Created::New(order) = store.create_pending(new_order(None, "h"), 0).await.unwrap()
-        else {
-            panic!("must be new");
-        };
-        let (after, moved) = store
-            .transition(order.id.clone(), paid("pay_1", 10))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(moved);
-        assert_eq!(
-            (after.status, after.payment_id.as_str()),
-            (status::PAID, "pay_1")
-        );
-        let (_, moved_again) = store
-            .transition(order.id.clone(), paid("pay_2", 10))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(!moved_again, "a second PENDING->PAID must not apply");
-
-        assert_eq!(
-            store.advance_due(5, 10, 10).await.unwrap(),
-            Vec::<i32>::new(),
-            "not due yet"
-        );
-        assert_eq!(
-            store.advance_due(10, 10, 10).await.unwrap(),
-            [status::SHIPPED]
-        );
-        assert_eq!(
-            store.advance_due(20, 10, 10).await.unwrap(),
-            [status::DELIVERED]
-        );
-        assert_eq!(
-            store.advance_due(1000, 10, 10).await.unwrap(),
-            Vec::<i32>::new(),
-            "delivered is final"
-        );
-
-        let statuses: Vec<i32> = store
-            .events_after(0, Some(order.id.clone()), 100)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.status)
-            .collect();
-        assert_eq!(
-            statuses,
-            [
-                status::PENDING,
-                status::PAID,
-                status::SHIPPED,
-                status::DELIVERED
-            ]
-        );
-        assert_eq!(
-            store.latest_event(order.id).await.unwrap().unwrap().status,
-            status::DELIVERED
-        );
-    }
-
-    async fn page(store: &OrderStore, after: Cursor) -> Vec<OrderRecord> {
-        store.list(None, after, 100).await.unwrap()
-    }
-
-    /// Issue 14, point 5: ids (UUIDv7) from two replicas are ordered only to
-    /// the millisecond, so an order committed later can have a smaller id.
-    /// The cursor follows commit order, so a reader never skips it.
-    #[tokio::test]
-    async fn paging_follows_commit_order_not_id_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("order.db");
-        // Two handles on one file, as two replicas have.
-        let (one, two) = (
-            OrderStore::open(&path).unwrap(),
-            OrderStore::open(&path).unwrap(),
-        );
-        one.create_with_id(new_order(None, "h"), 0, "ord_b".into())
-            .await
-            .unwrap();
-        let first = page(&one, Cursor::Start).await;
-        assert_eq!(first.len(), 1);
-        let cursor = Cursor::Seq(first[0].seq);
-        // Committed after the page was read, with an id sorting before it.
-        two.create_with_id(new_order(None, "h"), 0, "ord_a".into())
-            .await
-            .unwrap();
-        let next: Vec<String> = page(&one, cursor).await.into_iter().map(|o| o.id).collect();
-        assert_eq!(next, ["ord_a"]);
-        // A token from before this version (an id) resumes after that order.
-        let legacy: Vec<String> = page(&one, Cursor::LegacyId("ord_b".into()))
-            .await
-            .into_iter()
-            .map(|o| o.id)
-            .collect();
-        assert_eq!(legacy, ["ord_a"]);
-    }
-
-    #[tokio::test]
-    async fn owed_work_is_claimed_once_and_comes_back_after_the_lease() {
-        let store = OrderStore::in_memory().unwrap();
-        let Created::New(order) = store
-            .create_pending(new_order(None, "h"), 100)
-            .await
-            .unwrap()
-        else {
-            panic!("new");
-        };
-        let schedule = Schedule {
-            lease_ms: 1_000,
-            backoff_ms: 10,
-            max_backoff_ms: 50,
-        };
-        assert!(
-            store
-                .claim_due(Work::Settle, 99, schedule, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "not due before settle_at"
-        );
-        let claimed = store
-            .claim_due(Work::Settle, 100, schedule, 10)
-            .await
-            .unwrap();
-        assert_eq!(claimed.len(), 1);
-        assert_eq!(
-            (claimed[0].order.id.as_str(), claimed[0].attempts),
-            (order.id.as_str(), 0)
-        );
-        assert!(
-            store
-                .claim_due(Work::Settle, 200, schedule, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "claimed: another replica must not take it"
-        );
-        assert!(
-            store
-                .claim_due(Work::Compensate, 5_000, schedule, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "a PENDING order owes no compensation"
-        );
-        let again = store
-            .claim_due(Work::Settle, 100 + 1_000 + 10, schedule, 10)
-            .await
-            .unwrap();
-        assert_eq!(
-            again[0].attempts, 1,
-            "the claimer died: due again after the lease"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_charge_landing_on_a_cancelled_order_stays_owed_until_refunded() {
-        let store = OrderStore::in_memory().unwrap();
-        let Created::New(order) = store.create_pending(new_order(None, "h"), 0).await.unwrap()
-        else {
-            panic!("new");
-        };
-        let cancel = Transition {
-            from: status::PENDING,
-            to: status::CANCELLED,
-            reason: "cancelled by the customer".into(),
-            payment_id: None,
-            next_step_at_ms: None,
-            refund_pending: true,
-            retry_at_ms: Some(10),
-        };
-        store.transition(order.id.clone(), cancel).await.unwrap();
-        let schedule = Schedule {
-            lease_ms: 1_000_000,
-            backoff_ms: 10,
-            max_backoff_ms: 50,
-        };
-        // Claimed by compensation; meanwhile the charge lands and is recorded.
-        assert_eq!(
-            store
-                .claim_due(Work::Compensate, 10, schedule, 10)
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-        let recorded = store
-            .record_payment(order.id.clone(), "pay_1".into(), true)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(recorded.payment_id, "pay_1");
-        let owed = store
-            .claim_due(Work::Compensate, 10 + 1_000_000 + 10, schedule, 10)
-            .await
-            .unwrap();
-        // The claimer died before refunding: the refund comes due after the lease.
-        assert_eq!(owed.len(), 1, "the refund is still owed");
-        assert_eq!(owed[0].order.payment_id, "pay_1");
-        store.refund_done(order.id.clone()).await.unwrap();
-        assert!(
-            store
-                .claim_due(Work::Compensate, i64::MAX / 2, schedule, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "nothing owed once refunded"
-        );
-        assert!(!store.facts().await.unwrap()[0].refund_pending);
-    }
 }

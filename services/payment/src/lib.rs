@@ -1,8 +1,11 @@
 //! The payment service: charges, refunds and batch settlement.
 
-mod store;
+pub mod store;
 
-pub use store::{NewCharge, PaymentRecord, PaymentStore, SqlitePaymentStore, StoreError};
+pub use store::{
+    AnyPaymentStore, NewCharge, PaymentRecord, PaymentStore, PgPaymentStore, SqlitePaymentStore,
+    StoreError,
+};
 
 use minimesh_proto::payment::v1::payment_service_server::{PaymentService, PaymentServiceServer};
 use minimesh_proto::payment::v1::{
@@ -11,8 +14,8 @@ use minimesh_proto::payment::v1::{
 };
 use minimesh_runtime::grpc;
 use minimesh_runtime::metrics::ServiceMetrics;
+use minimesh_runtime::store::DbTarget;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +29,13 @@ pub struct PaymentConfig {
     /// Address of the gRPC (h2c) listener.
     #[arg(long, env = "MINIMESH_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: String,
-    /// SQLite database file; created with its schema when missing.
+    /// SQLite database file (created with its schema when missing), or a
+    /// `postgres://` URL.
     #[arg(long, env = "MINIMESH_DB", default_value = "payment.db")]
-    pub db: PathBuf,
+    pub db: DbTarget,
+    /// PostgreSQL schema holding this service's tables.
+    #[arg(long, env = "MINIMESH_DB_SCHEMA", default_value = "minimesh_payment")]
+    pub db_schema: String,
     /// Charges above this many minor units are declined.
     #[arg(long, env = "MINIMESH_CHARGE_LIMIT_CENTS", default_value_t = 100_000)]
     pub charge_limit_cents: i64,
@@ -157,10 +164,7 @@ fn store_status(err: StoreError) -> Status {
         StoreError::KeyReused(_) => Status::already_exists(err.to_string()),
         StoreError::NotFound(_) => Status::not_found(err.to_string()),
         StoreError::NotRefundable(_) => Status::failed_precondition(err.to_string()),
-        StoreError::Db(err) => {
-            tracing::error!(%err, "payment store failed");
-            Status::unavailable("payment storage is unavailable, try again")
-        }
+        StoreError::Db(err) => grpc::store_status("payment", &err),
     }
 }
 
@@ -276,9 +280,9 @@ pub fn service<S: PaymentStore>(api: PaymentApi<S>) -> PaymentServiceServer<Paym
 
 #[derive(Debug, thiserror::Error)]
 pub enum PaymentServiceError {
-    #[error("opening database {path}: {source}")]
+    #[error("opening database {target}: {source}")]
     Db {
-        path: PathBuf,
+        target: DbTarget,
         source: minimesh_runtime::db::DbError,
     },
     #[error(transparent)]
@@ -293,15 +297,18 @@ pub async fn serve(
     config: PaymentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), PaymentServiceError> {
-    let store = SqlitePaymentStore::open(&config.db).map_err(|source| PaymentServiceError::Db {
-        path: config.db.clone(),
-        source,
-    })?;
+    let store = AnyPaymentStore::open(&config.db, &config.db_schema)
+        .await
+        .map_err(|source| PaymentServiceError::Db {
+            target: config.db.clone(),
+            source,
+        })?;
+    let backend = store.backend();
     let api =
         PaymentApi::new(store, config.charge_limit_cents).with_debug_delay(config.debug_delay);
     let _metrics =
         minimesh_runtime::metrics::listen(config.metrics_listen.as_deref(), api.metrics()).await?;
-    grpc::serve(listener, service(api), shutdown).await?;
+    grpc::serve(listener, service(api), backend, shutdown).await?;
     Ok(())
 }
 

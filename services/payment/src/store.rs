@@ -1,6 +1,8 @@
 //! Payment storage. SQL is kept to what SQLite and PostgreSQL both run.
 
-use minimesh_runtime::db::{Db, DbError};
+use minimesh_runtime::db::{Db, DbError, DbFailure};
+use minimesh_runtime::pg::Pg;
+use minimesh_runtime::store::{Backend, DbTarget};
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 use std::future::Future;
 use std::path::Path;
@@ -58,6 +60,15 @@ pub enum StoreError {
     NotRefundable(String),
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+impl DbFailure for StoreError {
+    fn db_error(&self) -> Option<&DbError> {
+        match self {
+            StoreError::Db(err) => Some(err),
+            _ => None,
+        }
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -243,58 +254,220 @@ impl PaymentStore for SqlitePaymentStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// PostgreSQL: the same table in the service's own schema. A NULL key never
+/// conflicts, so charges without a key are all kept.
+const PG_MIGRATIONS: &[&str] = &["CREATE TABLE payments (
+        id              TEXT PRIMARY KEY,
+        order_id        TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        amount_cents    BIGINT NOT NULL,
+        currency        TEXT NOT NULL,
+        status          INTEGER NOT NULL,
+        decline_reason  TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        created_at_ms   BIGINT NOT NULL,
+        updated_at_ms   BIGINT NOT NULL
+    );
+    CREATE INDEX payments_by_order ON payments (order_id);"];
 
-    fn charge(key: Option<&str>, amount: i64) -> NewCharge {
-        NewCharge {
-            order_id: "ord_1".into(),
-            user_id: "usr_1".into(),
-            amount_cents: amount,
-            currency: "EUR".into(),
-            idempotency_key: key.map(str::to_owned),
-            decline_reason: None,
+#[derive(Clone)]
+pub struct PgPaymentStore {
+    pg: Pg,
+}
+
+impl PgPaymentStore {
+    /// Connects, waiting for a server that is still starting.
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, DbError> {
+        Ok(Self {
+            pg: minimesh_runtime::store::connect_postgres(url, schema, PG_MIGRATIONS).await?,
+        })
+    }
+
+    fn failed(&self, err: tokio_postgres::Error) -> StoreError {
+        let err = DbError::from(err);
+        self.pg.report(&err);
+        StoreError::Db(err)
+    }
+
+    async fn select(
+        &self,
+        client: &deadpool_postgres::Client,
+        column: &str,
+        value: &str,
+    ) -> Result<Option<PaymentRecord>, StoreError> {
+        let row = client
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM payments WHERE {column} = $1"),
+                &[&value],
+            )
+            .await
+            .map_err(|err| self.failed(err))?;
+        Ok(row.as_ref().map(from_pg_row))
+    }
+}
+
+fn from_pg_row(row: &tokio_postgres::Row) -> PaymentRecord {
+    PaymentRecord {
+        id: row.get(0),
+        order_id: row.get(1),
+        user_id: row.get(2),
+        amount_cents: row.get(3),
+        currency: row.get(4),
+        status: row.get(5),
+        decline_reason: row.get(6),
+        created_at_ms: row.get(7),
+    }
+}
+
+impl PaymentStore for PgPaymentStore {
+    async fn charge(&self, charge: NewCharge) -> Result<(PaymentRecord, bool), StoreError> {
+        let client = self.pg.client().await?;
+        let now = minimesh_runtime::now_millis();
+        let record = PaymentRecord {
+            id: minimesh_runtime::new_id("pay"),
+            order_id: charge.order_id.clone(),
+            user_id: charge.user_id.clone(),
+            amount_cents: charge.amount_cents,
+            currency: charge.currency.clone(),
+            status: if charge.decline_reason.is_some() {
+                DECLINED
+            } else {
+                CAPTURED
+            },
+            decline_reason: charge.decline_reason.clone().unwrap_or_default(),
+            created_at_ms: now,
+        };
+        // The unique key decides between racing replicas: the loser's insert
+        // waits for the winner's commit, does nothing, and reads its row.
+        let inserted = client
+            .execute(
+                "INSERT INTO payments (id, order_id, user_id, amount_cents, currency, status,
+                    decline_reason, idempotency_key, created_at_ms, updated_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+                 ON CONFLICT (idempotency_key) DO NOTHING",
+                &[
+                    &record.id,
+                    &record.order_id,
+                    &record.user_id,
+                    &record.amount_cents,
+                    &record.currency,
+                    &record.status,
+                    &record.decline_reason,
+                    &charge.idempotency_key,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(|err| self.failed(err))?;
+        if inserted == 1 {
+            return Ok((record, true));
+        }
+        let key = charge.idempotency_key.unwrap_or_default();
+        let existing = self
+            .select(&client, "idempotency_key", &key)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Db(DbError::Task(format!("payment for key {key:?} vanished")))
+            })?;
+        let same = existing.order_id == charge.order_id
+            && existing.user_id == charge.user_id
+            && existing.amount_cents == charge.amount_cents
+            && existing.currency == charge.currency;
+        if same {
+            Ok((existing, false))
+        } else {
+            Err(StoreError::KeyReused(key))
         }
     }
 
-    #[tokio::test]
-    async fn same_key_same_payment_and_different_content_is_refused() {
-        let store = SqlitePaymentStore::in_memory().unwrap();
-        let (first, created) = store.charge(charge(Some("k"), 500)).await.unwrap();
-        assert!(created);
-        let (again, created_again) = store.charge(charge(Some("k"), 500)).await.unwrap();
-        assert!(!created_again);
-        assert_eq!(first, again);
-        let err = store.charge(charge(Some("k"), 501)).await.unwrap_err();
-        assert!(matches!(err, StoreError::KeyReused(_)));
-        let (other, _) = store.charge(charge(None, 500)).await.unwrap();
-        assert_ne!(other.id, first.id);
+    async fn refund(&self, id: String) -> Result<PaymentRecord, StoreError> {
+        let client = self.pg.client().await?;
+        let refunded = client
+            .query_opt(
+                &format!(
+                    "UPDATE payments SET status = $1, updated_at_ms = $2
+                     WHERE id = $3 AND status = $4 RETURNING {COLUMNS}"
+                ),
+                &[&REFUNDED, &minimesh_runtime::now_millis(), &id, &CAPTURED],
+            )
+            .await
+            .map_err(|err| self.failed(err))?;
+        if let Some(row) = refunded {
+            return Ok(from_pg_row(&row));
+        }
+        match self.select(&client, "id", &id).await? {
+            None => Err(StoreError::NotFound(id)),
+            Some(record) if record.status == REFUNDED => Ok(record),
+            Some(_) => Err(StoreError::NotRefundable(id)),
+        }
     }
 
-    #[tokio::test]
-    async fn refund_is_idempotent_and_declined_is_not_refundable() {
-        let store = SqlitePaymentStore::in_memory().unwrap();
-        let (paid, _) = store.charge(charge(None, 500)).await.unwrap();
-        assert_eq!(
-            store.refund(paid.id.clone()).await.unwrap().status,
-            REFUNDED
-        );
-        assert_eq!(
-            store.refund(paid.id.clone()).await.unwrap().status,
-            REFUNDED
-        );
-        let mut declined = charge(None, 500);
-        declined.decline_reason = Some("too much".into());
-        let (declined, _) = store.charge(declined).await.unwrap();
+    async fn get(&self, id: String) -> Result<Option<PaymentRecord>, StoreError> {
+        let client = self.pg.client().await?;
+        self.select(&client, "id", &id).await
+    }
 
-        assert!(matches!(
-            store.refund(declined.id).await,
-            Err(StoreError::NotRefundable(_))
-        ));
-        assert!(matches!(
-            store.refund("nope".into()).await,
-            Err(StoreError::NotFound(_))
-        ));
+    async fn all(&self) -> Result<Vec<PaymentRecord>, StoreError> {
+        let client = self.pg.client().await?;
+        let rows = client
+            .query(&format!("SELECT {COLUMNS} FROM payments"), &[])
+            .await
+            .map_err(|err| self.failed(err))?;
+        Ok(rows.iter().map(from_pg_row).collect())
+    }
+}
+
+/// The store `--db` chose.
+#[derive(Clone)]
+pub enum AnyPaymentStore {
+    Sqlite(SqlitePaymentStore),
+    Postgres(PgPaymentStore),
+}
+
+impl AnyPaymentStore {
+    pub async fn open(target: &DbTarget, schema: &str) -> Result<Self, DbError> {
+        Ok(match target {
+            DbTarget::Sqlite(path) => AnyPaymentStore::Sqlite(SqlitePaymentStore::open(path)?),
+            DbTarget::Postgres(url) => {
+                AnyPaymentStore::Postgres(PgPaymentStore::connect(url, schema).await?)
+            }
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            AnyPaymentStore::Sqlite(s) => Backend::Sqlite(s.db.clone()),
+            AnyPaymentStore::Postgres(s) => Backend::Postgres(s.pg.clone()),
+        }
+    }
+}
+
+impl PaymentStore for AnyPaymentStore {
+    async fn charge(&self, charge: NewCharge) -> Result<(PaymentRecord, bool), StoreError> {
+        match self {
+            AnyPaymentStore::Sqlite(s) => s.charge(charge).await,
+            AnyPaymentStore::Postgres(s) => s.charge(charge).await,
+        }
+    }
+
+    async fn refund(&self, id: String) -> Result<PaymentRecord, StoreError> {
+        match self {
+            AnyPaymentStore::Sqlite(s) => s.refund(id).await,
+            AnyPaymentStore::Postgres(s) => s.refund(id).await,
+        }
+    }
+
+    async fn get(&self, id: String) -> Result<Option<PaymentRecord>, StoreError> {
+        match self {
+            AnyPaymentStore::Sqlite(s) => s.get(id).await,
+            AnyPaymentStore::Postgres(s) => s.get(id).await,
+        }
+    }
+
+    async fn all(&self) -> Result<Vec<PaymentRecord>, StoreError> {
+        match self {
+            AnyPaymentStore::Sqlite(s) => s.all().await,
+            AnyPaymentStore::Postgres(s) => s.all().await,
+        }
     }
 }

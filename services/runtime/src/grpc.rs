@@ -10,6 +10,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::store::Backend;
+
 /// Largest message a service accepts or sends; larger ones get RESOURCE_EXHAUSTED.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -23,9 +25,11 @@ pub enum ServeError {
 
 /// Serves `service` on `listener` with health and reflection until
 /// `shutdown` resolves, then reports NOT_SERVING and drains in-flight calls.
+/// Health also reports NOT_SERVING while `store` is down.
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
+    store: Backend,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError>
 where
@@ -51,7 +55,21 @@ where
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let drain = drain_on(shutdown, reporter, S::NAME);
+    let probe_store = store.clone();
+    let _probe = store.health().start_probing(move || {
+        let store = probe_store.clone();
+        async move { store.probe().await }
+    });
+    let follow = tokio::spawn(follow_store(
+        store.health().subscribe(),
+        reporter.clone(),
+        S::NAME,
+    ));
+    let drain = async move {
+        shutdown.await;
+        follow.abort();
+        drain_on(reporter, S::NAME).await;
+    };
     Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
@@ -84,12 +102,27 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
 }
 
-async fn drain_on(
-    shutdown: impl Future<Output = ()>,
+/// Mirrors the store's state in gRPC health.
+async fn follow_store(
+    mut store: tokio::sync::watch::Receiver<Option<String>>,
     reporter: HealthReporter,
     name: &'static str,
 ) {
-    shutdown.await;
+    loop {
+        let status = if store.borrow_and_update().is_some() {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        reporter.set_service_status(name, status).await;
+        reporter.set_service_status("", status).await;
+        if store.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn drain_on(reporter: HealthReporter, name: &'static str) {
     // Tell load balancers and probes first, then stop accepting.
     reporter
         .set_service_status(name, ServingStatus::NotServing)
@@ -116,4 +149,19 @@ fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     response
+}
+
+/// The status a caller gets for a store error: UNAVAILABLE saying the store
+/// is down or busy (safe to retry: nothing was written), INTERNAL otherwise.
+pub fn store_status(service: &str, err: &crate::db::DbError) -> tonic::Status {
+    if err.is_store_down() {
+        tracing::warn!(%err, "{service} store is down");
+        tonic::Status::unavailable(format!("{service} store is down: {err}"))
+    } else if err.is_busy() {
+        tracing::warn!(%err, "{service} store is busy");
+        tonic::Status::unavailable(format!("{service} store is busy, try again"))
+    } else {
+        tracing::error!(%err, "{service} store failed");
+        tonic::Status::internal(format!("{service} store failed: {err}"))
+    }
 }

@@ -3,12 +3,16 @@
 pub mod db;
 pub mod exposition;
 pub mod grpc;
+pub mod health;
 pub mod listen;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod page;
+pub mod pg;
+mod pg_tls;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 pub mod trace;
 

@@ -2,16 +2,16 @@
 
 mod store;
 
-pub use store::{SqliteUserStore, StoreError, UserRecord, UserStore};
+pub use store::{AnyUserStore, PgUserStore, SqliteUserStore, StoreError, UserRecord, UserStore};
 
 use minimesh_proto::user::v1::user_service_server::{UserService, UserServiceServer};
 use minimesh_proto::user::v1::{
     CreateUserRequest, GetUserRequest, ListUsersRequest, ListUsersResponse, User,
 };
 use minimesh_runtime::metrics::ServiceMetrics;
+use minimesh_runtime::store::DbTarget;
 use minimesh_runtime::{grpc, page};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -22,9 +22,13 @@ pub struct UserConfig {
     /// Address of the gRPC (h2c) listener.
     #[arg(long, env = "MINIMESH_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: String,
-    /// SQLite database file; created with its schema when missing.
+    /// SQLite database file (created with its schema when missing), or a
+    /// `postgres://` URL.
     #[arg(long, env = "MINIMESH_DB", default_value = "user.db")]
-    pub db: PathBuf,
+    pub db: DbTarget,
+    /// PostgreSQL schema holding this service's tables.
+    #[arg(long, env = "MINIMESH_DB_SCHEMA", default_value = "minimesh_user")]
+    pub db_schema: String,
     /// Prometheus `/metrics` listener (business counters); none when unset.
     #[arg(long, env = "MINIMESH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -90,10 +94,7 @@ fn store_status(err: StoreError) -> Status {
         StoreError::EmailTaken(email) => {
             Status::already_exists(format!("a user with email {email} already exists"))
         }
-        StoreError::Db(err) => {
-            tracing::error!(%err, "user store failed");
-            Status::unavailable("user storage is unavailable, try again")
-        }
+        StoreError::Db(err) => grpc::store_status("user", &err),
     }
 }
 
@@ -175,9 +176,9 @@ pub fn service<S: UserStore>(
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserServiceError {
-    #[error("opening database {path}: {source}")]
+    #[error("opening database {target}: {source}")]
     Db {
-        path: PathBuf,
+        target: DbTarget,
         source: minimesh_runtime::db::DbError,
     },
     #[error(transparent)]
@@ -192,15 +193,18 @@ pub async fn serve(
     config: UserConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), UserServiceError> {
-    let store = SqliteUserStore::open(&config.db).map_err(|source| UserServiceError::Db {
-        path: config.db.clone(),
-        source,
-    })?;
+    let store = AnyUserStore::open(&config.db, &config.db_schema)
+        .await
+        .map_err(|source| UserServiceError::Db {
+            target: config.db.clone(),
+            source,
+        })?;
+    let backend = store.backend();
     let metrics = ServiceMetrics::new("minimesh_users", "Users created.");
     let _metrics =
         minimesh_runtime::metrics::listen(config.metrics_listen.as_deref(), metrics.clone())
             .await?;
-    grpc::serve(listener, service(store, metrics), shutdown).await?;
+    grpc::serve(listener, service(store, metrics), backend, shutdown).await?;
     Ok(())
 }
 

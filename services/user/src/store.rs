@@ -1,6 +1,8 @@
 //! User storage. SQL is kept to what SQLite and PostgreSQL both run.
 
-use minimesh_runtime::db::{Db, DbError, is_unique_violation};
+use minimesh_runtime::db::{Db, DbError, DbFailure, is_unique_violation};
+use minimesh_runtime::pg::Pg;
+use minimesh_runtime::store::{Backend, DbTarget};
 use rusqlite::{OptionalExtension, Row, params};
 use std::future::Future;
 use std::path::Path;
@@ -26,6 +28,15 @@ pub enum StoreError {
     EmailTaken(String),
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+impl DbFailure for StoreError {
+    fn db_error(&self) -> Option<&DbError> {
+        match self {
+            StoreError::Db(err) => Some(err),
+            _ => None,
+        }
+    }
 }
 
 /// What the user service needs from its storage.
@@ -132,5 +143,141 @@ impl UserStore for SqliteUserStore {
                 Ok(rows)
             })
             .await?)
+    }
+}
+
+/// PostgreSQL: the same table in the service's own schema.
+const PG_MIGRATIONS: &[&str] = &["CREATE TABLE users (
+        id            TEXT PRIMARY KEY,
+        email         TEXT NOT NULL UNIQUE,
+        display_name  TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );"];
+
+#[derive(Clone)]
+pub struct PgUserStore {
+    pg: Pg,
+}
+
+impl PgUserStore {
+    /// Connects, waiting for a server that is still starting.
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, DbError> {
+        Ok(Self {
+            pg: minimesh_runtime::store::connect_postgres(url, schema, PG_MIGRATIONS).await?,
+        })
+    }
+
+    fn failed(&self, err: tokio_postgres::Error) -> StoreError {
+        let err = DbError::from(err);
+        self.pg.report(&err);
+        StoreError::Db(err)
+    }
+}
+
+fn from_pg_row(row: &tokio_postgres::Row) -> UserRecord {
+    UserRecord {
+        id: row.get(0),
+        email: row.get(1),
+        display_name: row.get(2),
+        created_at_ms: row.get(3),
+    }
+}
+
+impl UserStore for PgUserStore {
+    async fn create(&self, email: String, display_name: String) -> Result<UserRecord, StoreError> {
+        let record = UserRecord {
+            id: minimesh_runtime::new_id("usr"),
+            email,
+            display_name,
+            created_at_ms: minimesh_runtime::now_millis(),
+        };
+        let client = self.pg.client().await?;
+        client
+            .execute(
+                "INSERT INTO users (id, email, display_name, created_at_ms) VALUES ($1, $2, $3, $4)",
+                &[&record.id, &record.email, &record.display_name, &record.created_at_ms],
+            )
+            .await
+            .map_err(|err| {
+                if minimesh_runtime::pg::is_unique_violation(&err) {
+                    StoreError::EmailTaken(record.email.clone())
+                } else {
+                    self.failed(err)
+                }
+            })?;
+        Ok(record)
+    }
+
+    async fn get(&self, id: String) -> Result<Option<UserRecord>, StoreError> {
+        let client = self.pg.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, email, display_name, created_at_ms FROM users WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|err| self.failed(err))?;
+        Ok(row.as_ref().map(from_pg_row))
+    }
+
+    async fn list(&self, after: Option<String>, limit: u32) -> Result<Vec<UserRecord>, StoreError> {
+        let client = self.pg.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, email, display_name, created_at_ms FROM users
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after.unwrap_or_default(), &i64::from(limit)],
+            )
+            .await
+            .map_err(|err| self.failed(err))?;
+        Ok(rows.iter().map(from_pg_row).collect())
+    }
+}
+
+/// The store `--db` chose.
+#[derive(Clone)]
+pub enum AnyUserStore {
+    Sqlite(SqliteUserStore),
+    Postgres(PgUserStore),
+}
+
+impl AnyUserStore {
+    pub async fn open(target: &DbTarget, schema: &str) -> Result<Self, DbError> {
+        Ok(match target {
+            DbTarget::Sqlite(path) => AnyUserStore::Sqlite(SqliteUserStore::open(path)?),
+            DbTarget::Postgres(url) => {
+                AnyUserStore::Postgres(PgUserStore::connect(url, schema).await?)
+            }
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            AnyUserStore::Sqlite(s) => Backend::Sqlite(s.db.clone()),
+            AnyUserStore::Postgres(s) => Backend::Postgres(s.pg.clone()),
+        }
+    }
+}
+
+impl UserStore for AnyUserStore {
+    async fn create(&self, email: String, display_name: String) -> Result<UserRecord, StoreError> {
+        match self {
+            AnyUserStore::Sqlite(s) => s.create(email, display_name).await,
+            AnyUserStore::Postgres(s) => s.create(email, display_name).await,
+        }
+    }
+
+    async fn get(&self, id: String) -> Result<Option<UserRecord>, StoreError> {
+        match self {
+            AnyUserStore::Sqlite(s) => s.get(id).await,
+            AnyUserStore::Postgres(s) => s.get(id).await,
+        }
+    }
+
+    async fn list(&self, after: Option<String>, limit: u32) -> Result<Vec<UserRecord>, StoreError> {
+        match self {
+            AnyUserStore::Sqlite(s) => s.list(after, limit).await,
+            AnyUserStore::Postgres(s) => s.list(after, limit).await,
+        }
     }
 }

@@ -1,0 +1,650 @@
+//! Orders in PostgreSQL, keeping the rules written at the top of
+//! `store.rs` with the database's own tools, so any number of replicas on
+//! any number of hosts can share them:
+//! - every transaction that appends to `order_events` first takes one
+//!   transaction-scoped advisory lock, then draws the event's seq: seqs are
+//!   handed out and committed in the same order, so a reader walking by seq
+//!   never passes over a row that commits later. Taking it first, before any
+//!   row lock, keeps the lock order the same everywhere (no deadlocks);
+//! - one idempotency key is one order: a unique constraint, and the loser of
+//!   a race reads the winner's row;
+//! - status changes are compare-and-set on the current status;
+//! - background work is claimed with `FOR UPDATE SKIP LOCKED`, so replicas
+//!   take different orders instead of queueing on one;
+//! - every event commit sends a NOTIFY, which wakes the change feed of
+//!   every replica; the feed then re-reads the table, so a lost notification
+//!   only delays an event until the next poll.
+
+use crate::store::{
+    Claimed, Created, Cursor, EventRecord, ItemRecord, NewOrder, OrderFacts, OrderRecord, Schedule,
+    StoreError, Transition, Work, status,
+};
+use deadpool_postgres::GenericClient;
+use minimesh_runtime::db::DbError;
+use minimesh_runtime::pg::Pg;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+const MIGRATIONS: &[&str] = &["CREATE TABLE orders (
+        id              TEXT PRIMARY KEY,
+        user_id         TEXT NOT NULL,
+        total_cents     BIGINT NOT NULL,
+        currency        TEXT NOT NULL,
+        status          INTEGER NOT NULL,
+        status_reason   TEXT NOT NULL,
+        payment_id      TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        request_hash    TEXT NOT NULL,
+        refund_pending  INTEGER NOT NULL DEFAULT 0,
+        next_step_at_ms BIGINT,
+        created_at_ms   BIGINT NOT NULL,
+        updated_at_ms   BIGINT NOT NULL,
+        seq             BIGINT UNIQUE,
+        retry_at_ms     BIGINT,
+        attempts        INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX orders_by_user_seq ON orders (user_id, seq);
+    CREATE INDEX orders_due ON orders (next_step_at_ms) WHERE next_step_at_ms IS NOT NULL;
+    CREATE INDEX orders_retry ON orders (retry_at_ms) WHERE retry_at_ms IS NOT NULL;
+    CREATE TABLE order_items (
+        order_id         TEXT NOT NULL REFERENCES orders (id),
+        position         INTEGER NOT NULL,
+        sku              TEXT NOT NULL,
+        quantity         INTEGER NOT NULL,
+        unit_price_cents BIGINT NOT NULL,
+        PRIMARY KEY (order_id, position)
+    );
+    CREATE SEQUENCE order_events_seq;
+    CREATE TABLE order_events (
+        seq           BIGINT PRIMARY KEY,
+        order_id      TEXT NOT NULL,
+        status        INTEGER NOT NULL,
+        status_reason TEXT NOT NULL,
+        at_ms         BIGINT NOT NULL
+    );
+    CREATE INDEX order_events_by_order ON order_events (order_id, seq);"];
+
+const ORDER_COLUMNS: &str = "id, user_id, total_cents, currency, status, status_reason, payment_id, created_at_ms, updated_at_ms, seq";
+const EVENT_COLUMNS: &str = "seq, order_id, status, status_reason, at_ms";
+
+#[derive(Clone)]
+pub struct PgOrderStore {
+    pg: Pg,
+    /// NOTIFY channel of this schema's change feed.
+    channel: Arc<str>,
+}
+
+type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+fn order_from_row(row: &tokio_postgres::Row) -> OrderRecord {
+    OrderRecord {
+        id: row.get(0),
+        user_id: row.get(1),
+        items: Vec::new(),
+        total_cents: row.get(2),
+        currency: row.get(3),
+        status: row.get(4),
+        status_reason: row.get(5),
+        payment_id: row.get(6),
+        created_at_ms: row.get(7),
+        updated_at_ms: row.get(8),
+        seq: row.get::<_, Option<i64>>(9).unwrap_or_default(),
+    }
+}
+
+fn event_from_row(row: &tokio_postgres::Row) -> EventRecord {
+    EventRecord {
+        seq: row.get(0),
+        order_id: row.get(1),
+        status: row.get(2),
+        status_reason: row.get(3),
+        at_ms: row.get(4),
+    }
+}
+
+impl PgOrderStore {
+    /// Connects, waiting for a server that is still starting.
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, DbError> {
+        let pg = minimesh_runtime::store::connect_postgres(url, schema, MIGRATIONS).await?;
+        Ok(Self {
+            channel: format!("{schema}_events").into(),
+            pg,
+        })
+    }
+
+    pub fn pg(&self) -> &Pg {
+        &self.pg
+    }
+
+    /// Wakes `wake` whenever any replica commits an event.
+    pub fn listen(&self, wake: Arc<Notify>) -> Result<minimesh_runtime::pg::ListenHandle, DbError> {
+        self.pg.listen(&self.channel, wake)
+    }
+
+    fn failed(&self, err: tokio_postgres::Error) -> StoreError {
+        let err = DbError::from(err);
+        self.pg.report(&err);
+        StoreError::Db(err)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pg.client().await?)
+    }
+
+    /// Starts a transaction that will append events: the event lock first.
+    async fn event_tx<'a>(
+        &self,
+        client: &'a mut deadpool_postgres::Object,
+    ) -> Result<Tx<'a>, StoreError> {
+        let tx = client.transaction().await.map_err(|e| self.failed(e))?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ' order events'))",
+            &[],
+        )
+        .await
+        .map_err(|e| self.failed(e))?;
+        Ok(tx)
+    }
+
+    async fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
+        tx.commit().await.map_err(|e| self.failed(e))
+    }
+
+    async fn append_event(
+        &self,
+        tx: &Tx<'_>,
+        order_id: &str,
+        status: i32,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let row = tx
+            .query_one(
+                "INSERT INTO order_events (seq, order_id, status, status_reason, at_ms)
+                 VALUES (nextval('order_events_seq'), $1, $2, $3, $4) RETURNING seq",
+                &[&order_id, &status, &reason, &at_ms],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        // Delivered at commit, to every replica's feed.
+        tx.execute("SELECT pg_notify($1, '')", &[&&*self.channel])
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(row.get(0))
+    }
+
+    async fn apply(
+        &self,
+        tx: &Tx<'_>,
+        id: &str,
+        t: &Transition,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let changed = tx
+            .execute(
+                "UPDATE orders SET status = $1, status_reason = $2,
+                    payment_id = COALESCE($3, payment_id), next_step_at_ms = $4,
+                    refund_pending = $5, updated_at_ms = $6, retry_at_ms = $9, attempts = 0
+                 WHERE id = $7 AND status = $8",
+                &[
+                    &t.to,
+                    &t.reason,
+                    &t.payment_id,
+                    &t.next_step_at_ms,
+                    &(t.refund_pending as i32),
+                    &now,
+                    &id,
+                    &t.from,
+                    &t.retry_at_ms,
+                ],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        if changed == 1 {
+            self.append_event(tx, id, t.to, &t.reason, now).await?;
+        }
+        Ok(changed == 1)
+    }
+
+    async fn load_items<C: GenericClient>(
+        &self,
+        client: &C,
+        order: &mut OrderRecord,
+    ) -> Result<(), StoreError> {
+        let rows = client
+            .query(
+                "SELECT sku, quantity, unit_price_cents FROM order_items
+                 WHERE order_id = $1 ORDER BY position",
+                &[&order.id],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        order.items = rows
+            .iter()
+            .map(|r| ItemRecord {
+                sku: r.get(0),
+                quantity: r.get(1),
+                unit_price_cents: r.get(2),
+            })
+            .collect();
+        Ok(())
+    }
+
+    async fn select_order<C: GenericClient>(
+        &self,
+        client: &C,
+        column: &str,
+        value: &str,
+    ) -> Result<Option<OrderRecord>, StoreError> {
+        let row = client
+            .query_opt(
+                &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE {column} = $1"),
+                &[&value],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        match row {
+            Some(row) => {
+                let mut order = order_from_row(&row);
+                self.load_items(client, &mut order).await?;
+                Ok(Some(order))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The order an earlier request with this key made, if the request was
+    /// the same; a different request with the key is refused.
+    async fn existing_for_key<C: GenericClient>(
+        &self,
+        client: &C,
+        key: &str,
+        order: &NewOrder,
+    ) -> Result<Option<Created>, StoreError> {
+        let Some(existing) = self.select_order(client, "idempotency_key", key).await? else {
+            return Ok(None);
+        };
+        let row = client
+            .query_one(
+                "SELECT request_hash FROM orders WHERE id = $1",
+                &[&existing.id],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        let hash: String = row.get(0);
+        let same =
+            hash == order.request_hash || order.legacy_hash.as_deref() == Some(hash.as_str());
+        if same {
+            Ok(Some(Created::Existing(existing)))
+        } else {
+            Err(StoreError::KeyReused(key.to_owned()))
+        }
+    }
+
+    pub async fn create_with_id(
+        &self,
+        order: NewOrder,
+        settle_at_ms: i64,
+        id: String,
+    ) -> Result<Created, StoreError> {
+        let mut client = self.client().await?;
+        if let Some(key) = &order.idempotency_key
+            && let Some(found) = self.existing_for_key(&client, key, &order).await?
+        {
+            return Ok(found);
+        }
+        let tx = self.event_tx(&mut client).await?;
+        // Under the event lock every earlier writer has committed: a racer
+        // with the same key that got here first is visible now.
+        if let Some(key) = &order.idempotency_key
+            && let Some(found) = self.existing_for_key(&tx, key, &order).await?
+        {
+            return Ok(found);
+        }
+        let now = minimesh_runtime::now_millis();
+        let seq = self
+            .append_event(&tx, &id, status::PENDING, "", now)
+            .await?;
+        let record = OrderRecord {
+            id,
+            user_id: order.user_id,
+            items: order.items,
+            total_cents: order.total_cents,
+            currency: order.currency,
+            status: status::PENDING,
+            status_reason: String::new(),
+            payment_id: String::new(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            seq,
+        };
+        tx.execute(
+            "INSERT INTO orders (id, user_id, total_cents, currency, status, status_reason, payment_id,
+                idempotency_key, request_hash, created_at_ms, updated_at_ms, seq, retry_at_ms)
+             VALUES ($1, $2, $3, $4, $5, '', '', $6, $7, $8, $8, $9, $10)",
+            &[
+                &record.id,
+                &record.user_id,
+                &record.total_cents,
+                &record.currency,
+                &record.status,
+                &order.idempotency_key,
+                &order.request_hash,
+                &now,
+                &seq,
+                &settle_at_ms,
+            ],
+        )
+        .await
+        .map_err(|e| self.failed(e))?;
+        for (position, item) in record.items.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &record.id,
+                    &(position as i32),
+                    &item.sku,
+                    &item.quantity,
+                    &item.unit_price_cents,
+                ],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        }
+        self.commit(tx).await?;
+        Ok(Created::New(record))
+    }
+
+    pub async fn transition(
+        &self,
+        id: String,
+        transition: Transition,
+    ) -> Result<Option<(OrderRecord, bool)>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = self.event_tx(&mut client).await?;
+        let now = minimesh_runtime::now_millis();
+        let moved = self.apply(&tx, &id, &transition, now).await?;
+        let order = self.select_order(&tx, "id", &id).await?;
+        self.commit(tx).await?;
+        Ok(order.map(|order| (order, moved)))
+    }
+
+    pub async fn get(&self, id: String) -> Result<Option<OrderRecord>, StoreError> {
+        let client = self.client().await?;
+        self.select_order(&client, "id", &id).await
+    }
+
+    pub async fn list(
+        &self,
+        user_id: Option<String>,
+        after: Cursor,
+        limit: u32,
+    ) -> Result<Vec<OrderRecord>, StoreError> {
+        let client = self.client().await?;
+        let after_seq = match after {
+            Cursor::Start => 0,
+            Cursor::Seq(seq) => seq,
+            Cursor::LegacyId(id) => client
+                .query_opt("SELECT seq FROM orders WHERE id = $1", &[&id])
+                .await
+                .map_err(|e| self.failed(e))?
+                .and_then(|r| r.get::<_, Option<i64>>(0))
+                .unwrap_or(0),
+        };
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ORDER_COLUMNS} FROM orders
+                     WHERE seq > $1 AND ($2::text IS NULL OR user_id = $2) ORDER BY seq LIMIT $3"
+                ),
+                &[&after_seq, &user_id, &i64::from(limit)],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        let mut orders: Vec<OrderRecord> = rows.iter().map(order_from_row).collect();
+        for order in &mut orders {
+            self.load_items(&client, order).await?;
+        }
+        Ok(orders)
+    }
+
+    pub async fn latest_event(&self, order_id: String) -> Result<Option<EventRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM order_events WHERE order_id = $1
+                     ORDER BY seq DESC LIMIT 1"
+                ),
+                &[&order_id],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(row.as_ref().map(event_from_row))
+    }
+
+    pub async fn events_after(
+        &self,
+        seq: i64,
+        order_id: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM order_events
+                     WHERE seq > $1 AND ($2::text IS NULL OR order_id = $2) ORDER BY seq LIMIT $3"
+                ),
+                &[&seq, &order_id, &i64::from(limit)],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    pub async fn last_seq(&self) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT COALESCE(MAX(seq), 0) FROM order_events", &[])
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(row.get(0))
+    }
+
+    pub async fn advance_due(
+        &self,
+        now_ms: i64,
+        step_ms: i64,
+        batch: u32,
+    ) -> Result<Vec<i32>, StoreError> {
+        let mut client = self.client().await?;
+        // Look before taking the event lock: most ticks find nothing due.
+        let any = client
+            .query_opt(
+                "SELECT 1 FROM orders WHERE next_step_at_ms IS NOT NULL AND next_step_at_ms <= $1 LIMIT 1",
+                &[&now_ms],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        let tx = self.event_tx(&mut client).await?;
+        let due = tx
+            .query(
+                "SELECT id, status FROM orders WHERE next_step_at_ms IS NOT NULL
+                   AND next_step_at_ms <= $1 ORDER BY next_step_at_ms LIMIT $2
+                   FOR UPDATE SKIP LOCKED",
+                &[&now_ms, &i64::from(batch)],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        let mut moved = Vec::new();
+        for row in due {
+            let id: String = row.get(0);
+            let from: i32 = row.get(1);
+            let (to, next) = match from {
+                status::PAID => (status::SHIPPED, Some(now_ms + step_ms)),
+                status::SHIPPED => (status::DELIVERED, None),
+                _ => {
+                    // Not in fulfilment any more (e.g. cancelled): stop scheduling it.
+                    tx.execute(
+                        "UPDATE orders SET next_step_at_ms = NULL WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(|e| self.failed(e))?;
+                    continue;
+                }
+            };
+            let t = Transition {
+                from,
+                to,
+                reason: String::new(),
+                payment_id: None,
+                next_step_at_ms: next,
+                refund_pending: false,
+                retry_at_ms: None,
+            };
+            if self.apply(&tx, &id, &t, now_ms).await? {
+                moved.push(to);
+            }
+        }
+        self.commit(tx).await?;
+        Ok(moved)
+    }
+
+    pub async fn claim_due(
+        &self,
+        work: Work,
+        now_ms: i64,
+        schedule: Schedule,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let filter = match work {
+            Work::Settle => "status = 1",
+            Work::Compensate => "status = 5 AND refund_pending = 1",
+        };
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.failed(e))?;
+        // The new due time is Schedule::next_due, computed per row from its
+        // attempts (the same doubling, capped).
+        let rows = tx
+            .query(
+                &format!(
+                    "UPDATE orders SET attempts = attempts + 1,
+                        retry_at_ms = $1::bigint + $3::bigint
+                          + LEAST($4::bigint * (1::bigint << LEAST(attempts, 20)), $5::bigint)
+                     WHERE id IN (
+                         SELECT id FROM orders
+                         WHERE retry_at_ms IS NOT NULL AND retry_at_ms <= $1 AND {filter}
+                         ORDER BY retry_at_ms LIMIT $2
+                         FOR UPDATE SKIP LOCKED)
+                     RETURNING id, attempts - 1"
+                ),
+                &[
+                    &now_ms,
+                    &i64::from(limit),
+                    &schedule.lease_ms,
+                    &schedule.backoff_ms,
+                    &schedule.max_backoff_ms,
+                ],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.get(0);
+            let attempts: i32 = row.get(1);
+            if let Some(order) = self.select_order(&tx, "id", &id).await? {
+                claimed.push(Claimed {
+                    order,
+                    attempts: attempts.max(0) as u32,
+                });
+            }
+        }
+        self.commit(tx).await?;
+        Ok(claimed)
+    }
+
+    pub async fn reschedule(&self, id: String, work: Work, at_ms: i64) -> Result<(), StoreError> {
+        let filter = match work {
+            Work::Settle => "status = 1",
+            Work::Compensate => "status = 5 AND refund_pending = 1",
+        };
+        let client = self.client().await?;
+        client
+            .execute(
+                &format!(
+                    "UPDATE orders SET retry_at_ms = $1
+                     WHERE id = $2 AND retry_at_ms IS NOT NULL AND {filter}"
+                ),
+                &[&at_ms, &id],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    pub async fn record_payment(
+        &self,
+        id: String,
+        payment_id: String,
+        captured: bool,
+    ) -> Result<Option<OrderRecord>, StoreError> {
+        let client = self.client().await?;
+        let now = minimesh_runtime::now_millis();
+        client
+            .execute(
+                "UPDATE orders SET payment_id = $2, refund_pending = $3,
+                    retry_at_ms = CASE WHEN $3 = 1 THEN COALESCE(retry_at_ms, $4) ELSE NULL END
+                 WHERE id = $1 AND status = $5 AND refund_pending = 1 AND payment_id = ''",
+                &[
+                    &id,
+                    &payment_id,
+                    &(captured as i32),
+                    &now,
+                    &status::CANCELLED,
+                ],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        self.select_order(&client, "id", &id).await
+    }
+
+    pub async fn refund_done(&self, order_id: String) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE orders SET refund_pending = 0, retry_at_ms = NULL WHERE id = $1",
+                &[&order_id],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    pub async fn facts(&self) -> Result<Vec<OrderFacts>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, status, payment_id, total_cents, refund_pending, updated_at_ms FROM orders",
+                &[],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| OrderFacts {
+                id: r.get(0),
+                status: r.get(1),
+                payment_id: r.get(2),
+                total_cents: r.get(3),
+                refund_pending: r.get::<_, i32>(4) != 0,
+                updated_at_ms: r.get(5),
+            })
+            .collect())
+    }
+}
