@@ -1,6 +1,6 @@
 //! `minimesh up --database-url`: every service keeps its data in one
 //! PostgreSQL database (a schema each), so replicas on any host share it.
-//! Each test runs its own PostgreSQL server (tests/common/pg.rs).
+//! Each test runs its own PostgreSQL server (testing/pg).
 //!
 //! - replicas of order and payment give one order and one charge per
 //!   idempotency key, and an order made on one replica is read and watched

@@ -178,7 +178,7 @@ fn sqlite_rows(db: &Path, sql: &str, params: &[&str]) -> Vec<Vec<String>> {
 async fn postgres_rows(url: &str, service: &str, sql: &str, params: &[&str]) -> Vec<Vec<String>> {
     use tokio_postgres::SimpleQueryMessage;
     let mut config: tokio_postgres::Config = url.parse().expect("database url");
-    config.options(&format!("-c search_path=minimesh_{service}"));
+    config.options(format!("-c search_path=minimesh_{service}"));
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)
         .await
