@@ -2,13 +2,16 @@
 # Validates the Helm chart without a cluster: renders it with Helm's own
 # engine (helm-python-sdk) for the default values and every ci/*-values.yaml,
 # lints it, checks every object against the Kubernetes schemas, and runs the
-# chart's behaviour tests. Installs what it needs into target/helm-venv.
+# chart's behaviour tests, and lints the Dockerfile (hadolint). Installs what it needs into
+# target/helm-venv.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 venv="$root/target/helm-venv"
-if [ ! -x "$venv/bin/pytest" ]; then
-  python3 -m venv "$venv"
+# (Re)installed when requirements.txt changes: a copy of the one installed is kept in the venv.
+if [ ! -x "$venv/bin/pytest" ] || ! cmp -s "$root/tests/helm/requirements.txt" "$venv/requirements.txt"; then
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/helm/requirements.txt"
+  cp "$root/tests/helm/requirements.txt" "$venv/requirements.txt"
 fi
 # The sidecar configs the chart renders are checked by the real binary.
 if [ ! -x "$root/target/debug/minimesh" ]; then
