@@ -256,14 +256,14 @@ impl Outage {
     fn length(self) -> Duration {
         match self {
             Outage::Stop => Duration::from_secs(5),
-            Outage::Pause => Duration::from_secs(8),
+            Outage::Pause => Duration::from_secs(9),
         }
     }
 }
 /// Calls must succeed again this soon after the store is back.
 const RECOVERY: Duration = Duration::from_secs(5);
 /// Each load call's deadline.
-const CALL_DEADLINE: Duration = Duration::from_secs(10);
+const CALL_DEADLINE: Duration = Duration::from_secs(12);
 
 #[derive(Debug)]
 enum Outcome {
