@@ -336,6 +336,10 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         format!("payment={pay_in}"),
         s("--upstream"),
         format!("order={ord_in}"),
+        s("--route"),
+        s("shop.payment.=payment"),
+        s("--route"),
+        s("shop.order.=order"),
     ]);
     a.extend(identity("order"));
     procs.push(spawn(
@@ -357,6 +361,10 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         format!("payment={pay_in}"),
         s("--upstream"),
         format!("order={ord_in}"),
+        s("--route"),
+        s("shop.payment.=payment"),
+        s("--route"),
+        s("shop.order.=order"),
         // The benchmark backend stands in for payment, so the edge serves it.
         s("--expose"),
         s("payment,order"),
