@@ -17,7 +17,10 @@
 # work is measured), CONFIGS (sqlite,postgres1,postgres3), OUT
 # (target/bench), MINIMESH_BIN (skip the build and use this binary),
 # PG_SETTINGS (extra postgresql.conf settings for a diagnostic run, e.g.
-# "synchronous_commit=off"; the table is for PostgreSQL's defaults).
+# "synchronous_commit=off"; the table is for PostgreSQL's defaults),
+# PROFILE=1 (after each configuration: CPU ms per order of every role, from
+# /proc, and on PostgreSQL the backends' states and wait events, sampled
+# from pg_stat_activity every 20 ms; see bench/orders_profile.py).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -45,7 +48,7 @@ command -v pg_virtualenv >/dev/null || {
 }
 
 work="$(mktemp -d -t minimesh-orders.XXXXXX)"
-up_pid="" bench_pid="" pg_pid="" ok=""
+up_pid="" bench_pid="" pg_pid="" sampler_pid="" ok=""
 
 stop_up() {
   [ -n "$up_pid" ] || return 0
@@ -64,6 +67,7 @@ cleanup() {
   trap - EXIT INT TERM
   set +e
   [ -n "$bench_pid" ] && kill -TERM "$bench_pid" 2>/dev/null
+  [ -n "$sampler_pid" ] && kill -TERM "$sampler_pid" 2>/dev/null
   stop_up
   # Ending the placeholder command makes pg_virtualenv stop and drop its cluster.
   if [ -n "$pg_pid" ]; then
@@ -100,6 +104,43 @@ set -a
 set +a
 pg_url() { echo "postgres://$PGUSER:$PGPASSWORD@127.0.0.1:$PGPORT/$1?sslmode=disable"; }
 psql_q() { psql -X -q -v ON_ERROR_STOP=1 -Atc "$1"; }
+profile=(python3 "$root/bench/orders_profile.py")
+postmaster=""
+[ -n "${PROFILE:-}" ] && postmaster="$(head -1 "$(psql_q 'SHOW data_directory')/postmaster.pid")"
+
+# PROFILE=1: CPU before the workload, and the wait sampler on database $2.
+profile_start() {
+  "${profile[@]}" snapshot "$up_pid" ${2:+"$postmaster"} >"$1/cpu.before"
+  [ -n "$2" ] || return 0
+  psql_q "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '$2'" >"$1/xacts.before"
+  local q="SELECT replace(application_name, 'minimesh-minimesh_', '') || ' ' || state || ' '
+    || coalesce(wait_event_type, 'CPU') || ':' || coalesce(wait_event, '-')
+    FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend'
+    AND pid <> pg_backend_pid() AND state <> 'idle';"
+  # One session for every sample; "#" marks each sample's start.
+  # The loop ends when psql does (a failed write), also where SIGPIPE is ignored.
+  while printf "SELECT '#';\n%s\nSELECT pg_sleep(0.02);\n" "$q"; do :; done 2>/dev/null |
+    psql -X -q -At -d "$2" >"$1/waits.txt" 2>/dev/null &
+  sampler_pid=$!
+}
+
+# PROFILE=1: CPU ms per order by role, and the waits seen.
+profile_report() {
+  local dir="$1" db="$2" json="$3" orders
+  "${profile[@]}" snapshot "$up_pid" ${db:+"$postmaster"} >"$dir/cpu.after"
+  if [ -n "$db" ]; then
+    kill -TERM "$sampler_pid" 2>/dev/null
+    wait "$sampler_pid" 2>/dev/null || true
+    sampler_pid=""
+    orders="$(psql -X -Atc 'SELECT count(*) FROM minimesh_order.orders' -d "$db")"
+    local xacts
+    xacts="$(psql_q "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '$db'")"
+    echo "   PostgreSQL transactions per order: $(python3 -c 'import sys; print(round((int(sys.argv[2]) - int(sys.argv[1])) / max(int(sys.argv[3]), 1), 2))' "$(cat "$dir/xacts.before")" "$xacts" "$orders")"
+  else
+    orders="$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM orders").fetchone()[0])' "$dir/order.db")"
+  fi
+  "${profile[@]}" report "$dir/cpu.before" "$dir/cpu.after" "$orders" "$json" ${db:+"$dir/waits.txt"}
+}
 
 label_of() {
   case "$1" in
@@ -137,11 +178,13 @@ measure() {
   local gateway
   gateway="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["gateway"]["addr"])' "$dir/mesh.json")"
   echo "== round $round: $label (gateway $gateway)"
+  [ -z "${PROFILE:-}" ] || profile_start "$dir" "$db"
   "$bin" bench orders --target "http://$gateway" --concurrency "$concurrency" \
     --duration "$duration" --warmup "$warmup" --label "$label" --json "$json" &
   bench_pid=$!
   wait "$bench_pid"
   bench_pid=""
+  [ -z "${PROFILE:-}" ] || profile_report "$dir" "$db" "$json"
   if [ -n "$db" ]; then
     echo "   connections open to $db: $(psql_q "SELECT count(*) FROM pg_stat_activity WHERE datname = '$db'")"
   fi

@@ -291,7 +291,11 @@ pub async fn command(args: OrdersArgs) -> anyhow::Result<()> {
         runs.push(serde_json::json!({"workload": workload, "report": report}));
     }
     if let Some(path) = &args.json {
-        let json = serde_json::json!({"label": args.label, "target": args.target, "runs": runs});
+        // The client's own CPU over every run (warm-ups and users included),
+        // for bench/orders.sh's PROFILE=1 CPU breakdown.
+        let client_cpu_s = crate::procstat::sample(std::process::id()).map(|s| s.cpu_seconds);
+        let json = serde_json::json!({"label": args.label, "target": args.target,
+            "client_cpu_s": client_cpu_s, "runs": runs});
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
