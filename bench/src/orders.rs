@@ -236,8 +236,10 @@ pub async fn run(target: &str, workload: &OrdersWorkload) -> anyhow::Result<Orde
         Duration::from_secs_f64(workload.duration_s),
         move |worker, n| {
             let mut orders = orders.clone();
-            let mut request =
-                tonic::Request::new(order_request(&users[worker], format!("{token}-{worker}-{n}")));
+            let mut request = tonic::Request::new(order_request(
+                &users[worker],
+                format!("{token}-{worker}-{n}"),
+            ));
             request.set_timeout(CALL_TIMEOUT);
             async move {
                 let order = orders.create_order(request).await?.into_inner();
@@ -322,14 +324,19 @@ mod tests {
 
     #[tokio::test]
     async fn errors_are_counted_by_code_and_statuses_by_name() {
-        let report = drive(2, Duration::ZERO, Duration::from_millis(100), |_, n| async move {
-            tokio::task::yield_now().await;
-            match n % 3 {
-                0 => Err(tonic::Status::unavailable("store is down")),
-                1 => Err(tonic::Status::unavailable("store is down again")),
-                _ => Ok("ORDER_STATUS_PAID".to_owned()),
-            }
-        })
+        let report = drive(
+            2,
+            Duration::ZERO,
+            Duration::from_millis(100),
+            |_, n| async move {
+                tokio::task::yield_now().await;
+                match n % 3 {
+                    0 => Err(tonic::Status::unavailable("store is down")),
+                    1 => Err(tonic::Status::unavailable("store is down again")),
+                    _ => Ok("ORDER_STATUS_PAID".to_owned()),
+                }
+            },
+        )
         .await
         .unwrap();
         let unavailable = report.report.errors["Unavailable"];
@@ -338,7 +345,10 @@ mod tests {
         assert_eq!(report.error_samples["Unavailable"], "store is down");
         assert_eq!(paid, report.report.ok);
         // Two failures for every success, give or take the last round of each worker.
-        assert!(paid > 10 && unavailable.abs_diff(2 * paid) <= 4, "{paid} {unavailable}");
+        assert!(
+            paid > 10 && unavailable.abs_diff(2 * paid) <= 4,
+            "{paid} {unavailable}"
+        );
         let latency = report.report.latency.unwrap();
         assert!(latency.p50_us <= latency.p99_us && latency.p99_us <= latency.max_us);
     }
@@ -366,16 +376,25 @@ mod tests {
         // About 60 warm-up calls and 20 measured ones (5 ms each); the
         // measured time leaves the warm-up out.
         assert!(report.report.ok >= 5, "{report:?}");
-        assert!(made >= report.report.ok + 10, "{made} made, {} counted", report.report.ok);
+        assert!(
+            made >= report.report.ok + 10,
+            "{made} made, {} counted",
+            report.report.ok
+        );
         assert!(report.report.elapsed_s >= 0.1 && report.report.elapsed_s < 0.3);
     }
 
     #[tokio::test]
     async fn a_report_survives_json_with_its_percentiles() {
-        let report = drive(1, Duration::ZERO, Duration::from_millis(50), |_, n| async move {
-            tokio::time::sleep(Duration::from_micros(200 * (n % 5 + 1))).await;
-            Ok("ORDER_STATUS_PAID".to_owned())
-        })
+        let report = drive(
+            1,
+            Duration::ZERO,
+            Duration::from_millis(50),
+            |_, n| async move {
+                tokio::time::sleep(Duration::from_micros(200 * (n % 5 + 1))).await;
+                Ok("ORDER_STATUS_PAID".to_owned())
+            },
+        )
         .await
         .unwrap();
         let back: OrdersReport =

@@ -155,7 +155,11 @@ pub fn markdown(cells: &[Cell], baseline: &str) -> String {
     }
     for cell in cells {
         for (code, n) in &cell.report.report.errors {
-            let sample = cell.report.error_samples.get(code).map_or("", String::as_str);
+            let sample = cell
+                .report
+                .error_samples
+                .get(code)
+                .map_or("", String::as_str);
             let _ = writeln!(
                 out,
                 "\n{} at concurrency {}: {n} × {code} (e.g. {sample:?})",
@@ -170,8 +174,8 @@ pub fn markdown(cells: &[Cell], baseline: &str) -> String {
 pub fn command(args: OrdersTableArgs) -> anyhow::Result<()> {
     let mut files = Vec::new();
     for path in &args.files {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file: RunFile =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         files.push(file);
@@ -253,10 +257,15 @@ mod tests {
         let pg_row = table.lines().find(|l| l.starts_with("| pg | 8 |")).unwrap();
         // 500 calls/s against 2000, p50 4 ms against 2 ms, p99 8 against 2.
         assert!(
-            pg_row.starts_with("| pg | 8 | 500 | 0.25 | 4.00 | 2.00 | 8.00 | 4.00 | 0 | 0 | 500, 500 |"),
+            pg_row.starts_with(
+                "| pg | 8 | 500 | 0.25 | 4.00 | 2.00 | 8.00 | 4.00 | 0 | 0 | 500, 500 |"
+            ),
             "{pg_row}"
         );
-        let lonely = table.lines().find(|l| l.starts_with("| sqlite | 1 |")).unwrap();
+        let lonely = table
+            .lines()
+            .find(|l| l.starts_with("| sqlite | 1 |"))
+            .unwrap();
         assert!(lonely.contains("| 1.00 |"), "{lonely}");
     }
 }
