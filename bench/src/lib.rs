@@ -1,9 +1,11 @@
 //! `minimesh bench`: a load generator in the spirit of ghz, an echo backend
-//! to aim it at, and the suite that compares the mesh with direct calls,
-//! HAProxy and nginx.
+//! to aim it at, the suite that compares the mesh with direct calls,
+//! HAProxy and nginx, and a CreateOrder workload for a whole running mesh.
 
 pub mod backend;
 pub mod load;
+pub mod orders;
+pub mod orders_table;
 pub mod procstat;
 pub mod suite;
 
@@ -25,6 +27,10 @@ pub enum BenchCommand {
     },
     /// Load one target and report.
     Load(LoadArgs),
+    /// CreateOrder through a running mesh (e.g. its gateway): real orders, one user per worker.
+    Orders(orders::OrdersArgs),
+    /// Fold `orders --json` files into one table with ratios (orders.json, orders.md).
+    OrdersTable(orders_table::OrdersTableArgs),
     /// Run every scenario side by side and write results.json and results.md.
     Suite(suite::SuiteArgs),
 }
@@ -87,6 +93,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("{json}");
             Ok(())
         }
+        BenchCommand::Orders(args) => orders::command(args).await,
+        BenchCommand::OrdersTable(args) => orders_table::command(args),
         BenchCommand::Suite(args) => {
             // Returning (rather than dying) on a signal drops the suite's
             // processes and scratch directory, which cleans them up.

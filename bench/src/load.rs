@@ -9,7 +9,7 @@ use minimesh_proto::order::v1::WatchOrderRequest;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::payment::v1::{ChargeRequest, GetPaymentRequest};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +54,7 @@ mod humantime_serde_shim {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
     pub p50_us: u64,
     pub p90_us: u64,
@@ -63,7 +63,7 @@ pub struct Latency {
     pub max_us: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
     /// Successful calls (unary) or messages received (streams).
     pub ok: u64,
@@ -88,12 +88,12 @@ pub enum LoadError {
     Histogram(String),
 }
 
-fn histogram() -> Result<Histogram<u64>, LoadError> {
+pub(crate) fn histogram() -> Result<Histogram<u64>, LoadError> {
     Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| LoadError::Histogram(e.to_string()))
 }
 
 impl Report {
-    fn finish(mut self, elapsed: Duration) -> Self {
+    pub(crate) fn finish(mut self, elapsed: Duration) -> Self {
         self.elapsed_s = elapsed.as_secs_f64();
         self.per_second = if self.elapsed_s > 0.0 {
             self.ok as f64 / self.elapsed_s
@@ -132,7 +132,7 @@ impl Report {
     }
 }
 
-async fn connect(target: &str) -> Result<Channel, LoadError> {
+pub(crate) async fn connect(target: &str) -> Result<Channel, LoadError> {
     let endpoint = Endpoint::from_shared(target.to_owned())
         .map_err(|e| LoadError::Target(target.to_owned(), e))?;
     endpoint
