@@ -1,11 +1,14 @@
 //! Orders in PostgreSQL, keeping the rules written at the top of
 //! `store.rs` with the database's own tools, so any number of replicas on
 //! any number of hosts can share them:
-//! - every transaction that appends to `order_events` first takes one
+//! - every transaction that appends to `order_events` takes one
 //!   transaction-scoped advisory lock, then draws the event's seq: seqs are
 //!   handed out and committed in the same order, so a reader walking by seq
-//!   never passes over a row that commits later. Taking it first, before any
-//!   row lock, keeps the lock order the same everywhere (no deadlocks);
+//!   never passes over a row that commits later. The lock comes last, after
+//!   the transaction's row locks, and after it only events are inserted (and
+//!   a new order's seq set): one lock order everywhere (no deadlocks), and
+//!   the lock is held for two statements and the commit, which is what
+//!   bounds order writes per second across all replicas (BENCHMARKS.md);
 //! - one idempotency key is one order: a unique constraint, and the loser of
 //!   a race reads the winner's row;
 //! - status changes are compare-and-set on the current status;
@@ -131,25 +134,36 @@ impl PgOrderStore {
         Ok(self.pg.client().await?)
     }
 
-    /// Starts a transaction that will append events: the event lock first.
-    async fn event_tx<'a>(
+    /// A statement prepared once per connection: one round trip per call
+    /// instead of two, which matters most while the event lock is held.
+    async fn stmt<C: GenericClient>(
         &self,
-        client: &'a mut deadpool_postgres::Object,
-    ) -> Result<Tx<'a>, StoreError> {
-        let tx = client.transaction().await.map_err(|e| self.failed(e))?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ' order events'))",
-            &[],
-        )
-        .await
-        .map_err(|e| self.failed(e))?;
-        Ok(tx)
+        client: &C,
+        sql: &str,
+    ) -> Result<tokio_postgres::Statement, StoreError> {
+        client.prepare_cached(sql).await.map_err(|e| self.failed(e))
+    }
+
+    /// Takes the event lock: the last lock of a transaction that appends
+    /// events, after its row locks, so seqs are drawn in commit order and
+    /// the lock is held only for the appends and the commit.
+    async fn lock_events(&self, tx: &Tx<'_>) -> Result<(), StoreError> {
+        let lock = self
+            .stmt(
+                tx,
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ' order events'))",
+            )
+            .await?;
+        tx.execute(&lock, &[]).await.map_err(|e| self.failed(e))?;
+        Ok(())
     }
 
     async fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
         tx.commit().await.map_err(|e| self.failed(e))
     }
 
+    /// Appends one event (under the event lock) and notifies every
+    /// replica's feed at commit; returns its seq. One statement.
     async fn append_event(
         &self,
         tx: &Tx<'_>,
@@ -158,34 +172,45 @@ impl PgOrderStore {
         reason: &str,
         at_ms: i64,
     ) -> Result<i64, StoreError> {
+        let append = self
+            .stmt(
+                tx,
+                "WITH e AS (
+                     INSERT INTO order_events (seq, order_id, status, status_reason, at_ms)
+                     VALUES (nextval('order_events_seq'), $1, $2, $3, $4) RETURNING seq)
+                 SELECT seq, pg_notify($5, '') FROM e",
+            )
+            .await?;
         let row = tx
             .query_one(
-                "INSERT INTO order_events (seq, order_id, status, status_reason, at_ms)
-                 VALUES (nextval('order_events_seq'), $1, $2, $3, $4) RETURNING seq",
-                &[&order_id, &status, &reason, &at_ms],
+                &append,
+                &[&order_id, &status, &reason, &at_ms, &&*self.channel],
             )
-            .await
-            .map_err(|e| self.failed(e))?;
-        // Delivered at commit, to every replica's feed.
-        tx.execute("SELECT pg_notify($1, '')", &[&&*self.channel])
             .await
             .map_err(|e| self.failed(e))?;
         Ok(row.get(0))
     }
 
-    async fn apply(
+    /// Moves one order if it is still in `t.from`: a row lock, no event yet.
+    async fn move_order(
         &self,
         tx: &Tx<'_>,
         id: &str,
         t: &Transition,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let changed = tx
-            .execute(
+        let update = self
+            .stmt(
+                tx,
                 "UPDATE orders SET status = $1, status_reason = $2,
                     payment_id = COALESCE($3, payment_id), next_step_at_ms = $4,
                     refund_pending = $5, updated_at_ms = $6, retry_at_ms = $9, attempts = 0
                  WHERE id = $7 AND status = $8",
+            )
+            .await?;
+        let changed = tx
+            .execute(
+                &update,
                 &[
                     &t.to,
                     &t.reason,
@@ -200,9 +225,6 @@ impl PgOrderStore {
             )
             .await
             .map_err(|e| self.failed(e))?;
-        if changed == 1 {
-            self.append_event(tx, id, t.to, &t.reason, now).await?;
-        }
         Ok(changed == 1)
     }
 
@@ -211,12 +233,15 @@ impl PgOrderStore {
         client: &C,
         order: &mut OrderRecord,
     ) -> Result<(), StoreError> {
-        let rows = client
-            .query(
+        let items = self
+            .stmt(
+                client,
                 "SELECT sku, quantity, unit_price_cents FROM order_items
                  WHERE order_id = $1 ORDER BY position",
-                &[&order.id],
             )
+            .await?;
+        let rows = client
+            .query(&items, &[&order.id])
             .await
             .map_err(|e| self.failed(e))?;
         order.items = rows
@@ -236,11 +261,14 @@ impl PgOrderStore {
         column: &str,
         value: &str,
     ) -> Result<Option<OrderRecord>, StoreError> {
-        let row = client
-            .query_opt(
+        let select = self
+            .stmt(
+                client,
                 &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE {column} = $1"),
-                &[&value],
             )
+            .await?;
+        let row = client
+            .query_opt(&select, &[&value])
             .await
             .map_err(|e| self.failed(e))?;
         match row {
@@ -293,19 +321,81 @@ impl PgOrderStore {
         {
             return Ok(found);
         }
-        let tx = self.event_tx(&mut client).await?;
-        // Under the event lock every earlier writer has committed: a racer
-        // with the same key that got here first is visible now.
-        if let Some(key) = &order.idempotency_key
-            && let Some(found) = self.existing_for_key(&tx, key, &order).await?
-        {
-            return Ok(found);
-        }
         let now = minimesh_runtime::now_millis();
+        let tx = client.transaction().await.map_err(|e| self.failed(e))?;
+        // The key's unique index decides a race: the loser's insert waits
+        // for the winner's commit, inserts nothing, and reads the winner's row.
+        let insert = self
+            .stmt(
+                &tx,
+                "INSERT INTO orders (id, user_id, total_cents, currency, status, status_reason,
+                    payment_id, idempotency_key, request_hash, created_at_ms, updated_at_ms, retry_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, '', '', $6, $7, $8, $8, $9)
+                 ON CONFLICT (idempotency_key) DO NOTHING",
+            )
+            .await?;
+        let inserted = tx
+            .execute(
+                &insert,
+                &[
+                    &id,
+                    &order.user_id,
+                    &order.total_cents,
+                    &order.currency,
+                    &status::PENDING,
+                    &order.idempotency_key,
+                    &order.request_hash,
+                    &now,
+                    &settle_at_ms,
+                ],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        if inserted == 0 {
+            drop(tx);
+            let key = order.idempotency_key.clone().unwrap_or_default();
+            return match self.existing_for_key(&client, &key, &order).await? {
+                Some(found) => Ok(found),
+                None => Err(StoreError::Db(DbError::Task(format!(
+                    "order for key {key:?} vanished"
+                )))),
+            };
+        }
+        let item = self
+            .stmt(
+                &tx,
+                "INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await?;
+        for (position, line) in order.items.iter().enumerate() {
+            tx.execute(
+                &item,
+                &[
+                    &id,
+                    &(position as i32),
+                    &line.sku,
+                    &line.quantity,
+                    &line.unit_price_cents,
+                ],
+            )
+            .await
+            .map_err(|e| self.failed(e))?;
+        }
+        // Last: the event lock, the creation event and the order's place in
+        // commit order, then commit.
+        self.lock_events(&tx).await?;
         let seq = self
             .append_event(&tx, &id, status::PENDING, "", now)
             .await?;
-        let record = OrderRecord {
+        let set_seq = self
+            .stmt(&tx, "UPDATE orders SET seq = $2 WHERE id = $1")
+            .await?;
+        tx.execute(&set_seq, &[&id, &seq])
+            .await
+            .map_err(|e| self.failed(e))?;
+        self.commit(tx).await?;
+        Ok(Created::New(OrderRecord {
             id,
             user_id: order.user_id,
             items: order.items,
@@ -317,43 +407,7 @@ impl PgOrderStore {
             created_at_ms: now,
             updated_at_ms: now,
             seq,
-        };
-        tx.execute(
-            "INSERT INTO orders (id, user_id, total_cents, currency, status, status_reason, payment_id,
-                idempotency_key, request_hash, created_at_ms, updated_at_ms, seq, retry_at_ms)
-             VALUES ($1, $2, $3, $4, $5, '', '', $6, $7, $8, $8, $9, $10)",
-            &[
-                &record.id,
-                &record.user_id,
-                &record.total_cents,
-                &record.currency,
-                &record.status,
-                &order.idempotency_key,
-                &order.request_hash,
-                &now,
-                &seq,
-                &settle_at_ms,
-            ],
-        )
-        .await
-        .map_err(|e| self.failed(e))?;
-        for (position, item) in record.items.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[
-                    &record.id,
-                    &(position as i32),
-                    &item.sku,
-                    &item.quantity,
-                    &item.unit_price_cents,
-                ],
-            )
-            .await
-            .map_err(|e| self.failed(e))?;
-        }
-        self.commit(tx).await?;
-        Ok(Created::New(record))
+        }))
     }
 
     pub async fn transition(
@@ -362,10 +416,15 @@ impl PgOrderStore {
         transition: Transition,
     ) -> Result<Option<(OrderRecord, bool)>, StoreError> {
         let mut client = self.client().await?;
-        let tx = self.event_tx(&mut client).await?;
+        let tx = client.transaction().await.map_err(|e| self.failed(e))?;
         let now = minimesh_runtime::now_millis();
-        let moved = self.apply(&tx, &id, &transition, now).await?;
+        let moved = self.move_order(&tx, &id, &transition, now).await?;
         let order = self.select_order(&tx, "id", &id).await?;
+        if moved {
+            self.lock_events(&tx).await?;
+            self.append_event(&tx, &id, transition.to, &transition.reason, now)
+                .await?;
+        }
         self.commit(tx).await?;
         Ok(order.map(|order| (order, moved)))
     }
@@ -471,7 +530,7 @@ impl PgOrderStore {
         if any.is_none() {
             return Ok(Vec::new());
         }
-        let tx = self.event_tx(&mut client).await?;
+        let tx = client.transaction().await.map_err(|e| self.failed(e))?;
         let due = tx
             .query(
                 "SELECT id, status FROM orders WHERE next_step_at_ms IS NOT NULL
@@ -482,6 +541,7 @@ impl PgOrderStore {
             .await
             .map_err(|e| self.failed(e))?;
         let mut moved = Vec::new();
+        let mut events = Vec::new();
         for row in due {
             let id: String = row.get(0);
             let from: i32 = row.get(1);
@@ -508,8 +568,15 @@ impl PgOrderStore {
                 refund_pending: false,
                 retry_at_ms: None,
             };
-            if self.apply(&tx, &id, &t, now_ms).await? {
+            if self.move_order(&tx, &id, &t, now_ms).await? {
                 moved.push(to);
+                events.push((id, to));
+            }
+        }
+        if !events.is_empty() {
+            self.lock_events(&tx).await?;
+            for (id, to) in &events {
+                self.append_event(&tx, id, *to, "", now_ms).await?;
             }
         }
         self.commit(tx).await?;

@@ -297,7 +297,12 @@ impl PgPaymentStore {
     ) -> Result<Option<PaymentRecord>, StoreError> {
         let row = client
             .query_opt(
-                &format!("SELECT {COLUMNS} FROM payments WHERE {column} = $1"),
+                &client
+                    .prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM payments WHERE {column} = $1"
+                    ))
+                    .await
+                    .map_err(|err| self.failed(err))?,
                 &[&value],
             )
             .await
@@ -341,10 +346,10 @@ impl PaymentStore for PgPaymentStore {
         // waits for the winner's commit, does nothing, and reads its row.
         let inserted = client
             .execute(
-                "INSERT INTO payments (id, order_id, user_id, amount_cents, currency, status,
+                &client.prepare_cached("INSERT INTO payments (id, order_id, user_id, amount_cents, currency, status,
                     decline_reason, idempotency_key, created_at_ms, updated_at_ms)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
-                 ON CONFLICT (idempotency_key) DO NOTHING",
+                 ON CONFLICT (idempotency_key) DO NOTHING").await.map_err(|err| self.failed(err))?,
                 &[
                     &record.id,
                     &record.order_id,
@@ -384,10 +389,13 @@ impl PaymentStore for PgPaymentStore {
         let client = self.pg.client().await?;
         let refunded = client
             .query_opt(
-                &format!(
-                    "UPDATE payments SET status = $1, updated_at_ms = $2
+                &client
+                    .prepare_cached(&format!(
+                        "UPDATE payments SET status = $1, updated_at_ms = $2
                      WHERE id = $3 AND status = $4 RETURNING {COLUMNS}"
-                ),
+                    ))
+                    .await
+                    .map_err(|err| self.failed(err))?,
                 &[&REFUNDED, &minimesh_runtime::now_millis(), &id, &CAPTURED],
             )
             .await

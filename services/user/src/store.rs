@@ -194,7 +194,7 @@ impl UserStore for PgUserStore {
         let client = self.pg.client().await?;
         client
             .execute(
-                "INSERT INTO users (id, email, display_name, created_at_ms) VALUES ($1, $2, $3, $4)",
+                &client.prepare_cached("INSERT INTO users (id, email, display_name, created_at_ms) VALUES ($1, $2, $3, $4)").await.map_err(|err| self.failed(err))?,
                 &[&record.id, &record.email, &record.display_name, &record.created_at_ms],
             )
             .await
@@ -212,7 +212,12 @@ impl UserStore for PgUserStore {
         let client = self.pg.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, email, display_name, created_at_ms FROM users WHERE id = $1",
+                &client
+                    .prepare_cached(
+                        "SELECT id, email, display_name, created_at_ms FROM users WHERE id = $1",
+                    )
+                    .await
+                    .map_err(|err| self.failed(err))?,
                 &[&id],
             )
             .await
@@ -224,8 +229,13 @@ impl UserStore for PgUserStore {
         let client = self.pg.client().await?;
         let rows = client
             .query(
-                "SELECT id, email, display_name, created_at_ms FROM users
+                &client
+                    .prepare_cached(
+                        "SELECT id, email, display_name, created_at_ms FROM users
                  WHERE id > $1 ORDER BY id LIMIT $2",
+                    )
+                    .await
+                    .map_err(|err| self.failed(err))?,
                 &[&after.unwrap_or_default(), &i64::from(limit)],
             )
             .await
