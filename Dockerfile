@@ -22,7 +22,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     CARGO_PROFILE_RELEASE_STRIP=symbols MINIMESH_GIT_COMMIT="${GIT_COMMIT}" \
-    cargo build --release --locked --bin minimesh \
+    cargo build --release --locked --no-default-features --bin minimesh \
  && install -D -m 0755 target/release/minimesh /out/minimesh
 RUN test -n "${VERSION}" || { echo "pass --build-arg VERSION=<release>" >&2; exit 1; } \
  && reported="$(/out/minimesh --version)" \

@@ -43,6 +43,7 @@ enum Command {
     /// The identity issuer: short-lived workload certificates for proxies that prove who they are.
     Identity(IdentityCmd),
     /// Benchmarks: an echo backend, a load generator, and the side-by-side suite.
+    #[cfg(feature = "bench")]
     Bench(minimesh_bench::BenchArgs),
     /// The mesh CA: create it, issue identities.
     #[command(subcommand)]
@@ -213,6 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Top(args) => observe::top(args).await,
             Command::Service(service) => run_service(service).await,
             Command::Certs(command) => Ok(minimesh_certs::run(command)?),
+            #[cfg(feature = "bench")]
             Command::Bench(args) => minimesh_bench::run(args).await,
             Command::Sidecar(args) => run_sidecar(args).await,
             Command::Identity(args) => run_identity(args).await,
