@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import http.client
+import math
 
 from . import net
 from .kubeapi import TokenReviewApi, parse_token, token
@@ -41,6 +42,9 @@ IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PG_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
 # The minimesh image's USER (Dockerfile: USER 65532:65532).
 MINIMESH_IMAGE_USER = (65532, 65532)
+# The images' STOPSIGNAL, which the container runtime sends to a container's first process
+# (the postgres image's: SIGINT, PostgreSQL's fast shutdown).
+STOP_SIGNALS = {"minimesh": signal.SIGTERM, "postgres": signal.SIGINT}
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 KUBE_API_ACCESS = "/var/run/secrets/kubernetes.io/serviceaccount"
 NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"
@@ -63,11 +67,15 @@ class Probe:
 
     def __init__(self, container, kind, spec, scale):
         self.container, self.kind, self.spec = container, kind, spec
-        self.period = max(0.1, spec.get("periodSeconds", 10) * scale)
+        self.rendered_period = spec.get("periodSeconds", 10)
+        # Probed `scale` times as often as rendered, so that success shows sooner; a failure
+        # counts only once it lasted as long as kubelet's window (failureThreshold periods).
+        self.period = max(0.1, self.rendered_period * scale)
         self.delay = spec.get("initialDelaySeconds", 0) * scale
         self.timeout = spec.get("timeoutSeconds", 1)
         self.success_threshold = spec.get("successThreshold", 1)
         self.failure_threshold = spec.get("failureThreshold", 3)
+        self.failures_needed = math.ceil(self.failure_threshold * self.rendered_period / self.period)
         self.passing = False
         self.consecutive_ok = 0
         self.consecutive_failed = 0
@@ -180,7 +188,7 @@ class Probe:
                 self.consecutive_failed += 1
                 self.consecutive_ok = 0
                 self.last_error = detail
-                if self.consecutive_failed >= self.failure_threshold:
+                if self.consecutive_failed >= self.failures_needed:
                     was = self.passing
                     self.passing = False
                     self.container.probe_failed(self, detail, was)
@@ -191,8 +199,9 @@ class Probe:
             stop.wait(self.period)
 
     def failure_message(self, detail):
+        window = self.failure_threshold * self.rendered_period
         return (f"pod {self.container.pod.name} container {self.container.name}: {self.kind} {self.describe()} "
-                f"failed {self.consecutive_failed} times in a row (failureThreshold {self.failure_threshold}): {detail}")
+                f"failed for {window}s (failureThreshold {self.failure_threshold} x periodSeconds {self.rendered_period}): {detail}")
 
 
 class Container:
@@ -205,6 +214,7 @@ class Container:
         self.log_path = pod.dir / "logs" / f"{self.name}.log"
         self.user = (0, 0, [])
         self.env = {}
+        self.stop_signal = signal.SIGTERM
         self.probes = {k: Probe(self, k, spec[k], pod.cluster.period_scale)
                        for k in ("startupProbe", "livenessProbe", "readinessProbe") if k in spec}
         self.startup_done = threading.Event()
@@ -296,6 +306,8 @@ class Pod:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.phase = "Pending"
         self.was_ready = False
+        # Readiness as the Services last published it (names and rules follow it).
+        self.published_ready = False
         self.stop = threading.Event()
         self.ip = self.netns = self.host_end = None
         init = [Container(self, c, "sidecar" if c.get("restartPolicy") == "Always" else "init")
@@ -393,6 +405,8 @@ class Cluster:
         self.skip_components = set(skip_components)
         self.lock = threading.RLock()
         self.failures = []
+        self.events = []  # readiness changes and disruptions, timestamped, for diagnosis
+        self.started = time.monotonic()
         self.disrupting = 0
         self.closed = False
         self.pods = []  # every pod ever created, deleted ones included
@@ -474,7 +488,7 @@ class Cluster:
         for c in running:
             c.stopping = True
             try:
-                os.killpg(c.process.pid, signal.SIGTERM)
+                os.kill(c.process.pid, c.stop_signal)
             except ProcessLookupError:
                 pass
         end = time.monotonic() + 3
@@ -482,11 +496,12 @@ class Cluster:
             try:
                 c.process.wait(max(0.05, end - time.monotonic()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(c.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                c.process.wait()
+                pass
+            try:
+                os.killpg(c.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            c.process.wait()
         if getattr(self, "api", None):
             self.api.close()
         if hasattr(self, "network"):
@@ -504,16 +519,22 @@ class Cluster:
     def _kind(self, kind):
         return [o for o in self.objects if o["kind"] == kind]
 
+    def elapsed(self):
+        return f"+{time.monotonic() - self.started:.1f}s"
+
+    def event(self, message):
+        self.events.append(f"{self.elapsed()} {message}")
+
     def fail(self, message):
         with self.lock:
             if self.closed:
                 return
-            self.failures.append(message)
+            self.failures.append(f"[{self.elapsed()}] {message}")
 
     def check(self):
         """Raises the first failure any pod reported (a probe beyond its threshold, an exit)."""
         if self.failures:
-            raise PodFailure("\n".join(self.failures[:5]))
+            raise PodFailure("\n".join(self.failures[:5]) + "\nrecent events:\n  " + "\n  ".join(self.events[-12:]))
 
     # -- controllers -----------------------------------------------------------------------------
 
@@ -553,7 +574,7 @@ class Cluster:
             pod = self._new_pod(workload, i if workload["kind"] == "StatefulSet" else None)
             if ordered:
                 self._boot(pod)
-                while not pod.ready and not self.closed and not self.failures:
+                while not pod.published_ready and not self.closed and not self.failures:
                     time.sleep(0.05)
             else:
                 threading.Thread(target=self._boot, args=(pod,), daemon=True, name=f"boot {pod.name}").start()
@@ -702,6 +723,7 @@ class Cluster:
         argv = self._argv(container, runtime, expand)
         container.user = self._user(pod, container, runtime)
         container.env = env
+        container.stop_signal = STOP_SIGNALS[runtime]
         mounts = [(pod.dir / "hosts", "/etc/hosts", False), (pod.dir / "resolv.conf", "/etc/resolv.conf", False)]
         mounted = {m["mountPath"] for m in container.spec.get("volumeMounts", [])}
         for m in container.spec.get("volumeMounts", []):
@@ -714,6 +736,9 @@ class Cluster:
         if "kube-api-access" in volumes and KUBE_API_ACCESS not in mounted:
             mounts.append((volumes["kube-api-access"][0], KUBE_API_ACCESS, True))
         lines = [f"echo {shlex.quote(pod.name)} > /proc/sys/kernel/hostname"]
+        for _, target, _ in mounts:
+            if self.workdir.is_relative_to(target):
+                raise PodFailure(f"{container.where()}: mountPath {target} would hide the runner's {self.workdir}")
         for source, target, read_only in mounts:
             self._mount_point(target, pathlib.Path(source).is_dir())
             lines.append(f"{TOOLS['mount']} --bind {shlex.quote(str(source))} {shlex.quote(target)}")
@@ -888,14 +913,15 @@ class Cluster:
     def live_pods(self):
         return [p for p in self.pods if p.phase in ("Pending", "Running")]
 
-    def endpoints(self, service):
+    def endpoints(self, service, ready=None):
         """Pods behind a Service: selected, running, ready (unless publishNotReadyAddresses)."""
         selector = service["spec"].get("selector")
         if not selector:
             return []
         every = service["spec"].get("publishNotReadyAddresses", False)
+        ready = ready if ready is not None else {p: p.ready for p in self.live_pods()}
         return [p for p in self.live_pods() if p.phase == "Running" and p.ip and p.namespace == self.namespace
-                and selects({"matchLabels": selector}, p.labels) and (every or p.ready)]
+                and selects({"matchLabels": selector}, p.labels) and (every or ready.get(p))]
 
     def target_port(self, pod, service_port):
         target = service_port.get("targetPort", service_port["port"])
@@ -919,9 +945,13 @@ class Cluster:
             return
         entries = []  # (ip, name, namespace)
         rules = []
+        ready = {p: p.ready for p in self.live_pods()}
+        for pod, value in ready.items():
+            if value != pod.published_ready:
+                self.event(f"pod {pod.name} {'ready' if value else 'not ready'}")
         for svc in self.services:
             name = svc["metadata"]["name"]
-            pods = self.endpoints(svc)
+            pods = self.endpoints(svc, ready)
             if name in self.vips:
                 entries.append((self.vips[name], name, self.namespace))
                 for port in svc["spec"].get("ports", []):
@@ -960,6 +990,8 @@ class Cluster:
                 except RuntimeError:
                     if os.path.exists(f"/run/netns/{netns}"):
                         raise
+        for pod, value in ready.items():
+            pod.published_ready = value
 
     def readiness_changed(self, pod):
         with self.lock:
@@ -998,13 +1030,13 @@ class Cluster:
         while True:
             self.check()
             live = self.live_pods()
-            counts = {name: sum(1 for p in live if p.workload["metadata"]["name"] == name and p.ready)
+            counts = {name: sum(1 for p in live if p.workload["metadata"]["name"] == name and p.published_ready)
                       for name in self.desired()}
             if counts == self.desired():
                 return
             if time.monotonic() > end:
                 short = {n: f"{counts[n]}/{d}" for n, d in self.desired().items() if counts[n] != d}
-                details = "\n".join(p.status() for p in live if not p.ready)
+                details = "\n".join(p.status() for p in live if not p.published_ready)
                 raise PodFailure(f"not ready within {timeout}s: {short}\n{details}")
             time.sleep(0.1)
 
@@ -1030,10 +1062,12 @@ class Cluster:
         def __enter__(self):
             with self.cluster.lock:
                 self.cluster.disrupting += 1
+                self.cluster.event("disruption begins")
 
         def __exit__(self, *exc):
             with self.cluster.lock:
                 self.cluster.disrupting -= 1
+                self.cluster.event("disruption ends")
 
     def disruption(self):
         """While it lasts, a ready pod turning unready is expected (e.g. its database is down)."""
@@ -1048,7 +1082,7 @@ class Cluster:
                 c.stopping = True
                 if c.running:
                     try:
-                        os.killpg(c.process.pid, signal.SIGTERM)
+                        os.kill(c.process.pid, c.stop_signal)
                     except ProcessLookupError:
                         pass
             end = time.monotonic() + grace
@@ -1058,11 +1092,13 @@ class Cluster:
                 try:
                     c.process.wait(max(0.1, end - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    try:
-                        os.killpg(c.process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    c.process.wait()
+                    pass
+                # What is left of the container (its children) dies with it, as with its PID namespace.
+                try:
+                    os.killpg(c.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                c.process.wait()
 
     def delete_pod(self, pod):
         """`kubectl delete pod`: out of every Service at once, containers stopped (SIGTERM, then
@@ -1071,6 +1107,7 @@ class Cluster:
         Returns the replacement."""
         with self.lock:
             pod.phase = "Terminating"
+            self.event(f"pod {pod.name} deleted")
             self._sync()
         pod.stop.set()
         self._stop_containers(pod, grace=min(pod.spec.get("terminationGracePeriodSeconds", 30), 15))

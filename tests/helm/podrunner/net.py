@@ -14,7 +14,6 @@ import random
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -155,10 +154,12 @@ class Network:
 
     def __init__(self):
         remove_leftovers()
+        self._lock = threading.Lock()  # pods boot in parallel
         self.run = "%04x" % random.randrange(16**4)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        # Named by the run, so that a later run finds it if this one is killed.
-        self.workdir = pathlib.Path(tempfile.gettempdir()) / f"{PREFIX}-{self.run}-work"
+        # Named by the run, so that a later run finds it if this one is killed. Not under /tmp:
+        # pods mount emptyDirs there, which would hide the volumes' sources.
+        self.workdir = pathlib.Path("/var/tmp") / f"{PREFIX}-{self.run}-work"
         self.state = {"pid": os.getpid(), "workdir": str(self.workdir), "created_dirs": []}
         self.subnet = self._pick_subnet()
         self.state["subnet"] = str(self.subnet)
@@ -176,10 +177,11 @@ class Network:
         sh("ip", "link", "set", self.bridge, "up")
 
     def _save(self):
-        path = STATE_DIR / f"{self.run}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state))
-        tmp.rename(path)
+        with self._lock:
+            path = STATE_DIR / f"{self.run}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state))
+            tmp.rename(path)
 
     def _pick_subnet(self):
         """A 10.244.X.0/24 that no host route and no live run uses."""
@@ -201,7 +203,8 @@ class Network:
 
     def created_dir(self, path):
         """Records a directory this run created on the host (a mount point), for removal."""
-        self.state["created_dirs"].append(str(path))
+        with self._lock:
+            self.state["created_dirs"].append(str(path))
         self._save()
 
     def service_ip(self):
