@@ -348,7 +348,7 @@ def test_postgresql_with_replicas(run_chart):
     user, order = first_orders(shop)
     calls_spread_over_replicas(shop, user, order)
     plaintext_is_refused(shop)
-    # Without its database every service reports NOT_SERVING, so pods go unready meanwhile.
+    # Without its database a service reports NOT_SERVING: its pods may go unready meanwhile.
     deleting_pods_loses_nothing(shop, user, order, ["order", "payment", "postgresql"], disruptive={"postgresql"})
     connections_admitted(shop, MESH_PATHS | {(s, "postgresql", 5432) for s in chart.SERVICES})
     cluster.check()
