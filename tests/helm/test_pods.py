@@ -200,6 +200,7 @@ def failed(calls):
 def came_up(cluster):
     cluster.wait_ready(timeout=120)
     cluster.assert_every_probe_passed()
+    cluster.assert_declared_ports_listen()
 
 
 def first_orders(shop):

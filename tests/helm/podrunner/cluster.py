@@ -1055,6 +1055,33 @@ class Cluster:
                     for p, c, probe in pending))
             time.sleep(0.1)
 
+    def assert_declared_ports_listen(self):
+        """Every containerPort a ready pod declares has a listener on the pod's address (what its
+        Services and probes rely on): a template whose port and listen address disagree fails here,
+        naming the pod and container. Read from the pod's sockets (ss), not by connecting, so it
+        leaves no connection for the NetworkPolicy audit."""
+        problems = []
+        for pod in self.live_pods():
+            if not pod.published_ready:
+                continue
+            out = net.sh("nsenter", f"--net=/run/netns/{pod.netns}", "--", "ss", "-Hltn").stdout
+            listening = set()
+            for line in out.splitlines():
+                local = line.split()[3]
+                addr, port = local.rsplit(":", 1)
+                listening.add((addr.strip("[]"), int(port)))
+            for c in pod.containers:
+                for declared in c.spec.get("ports", []):
+                    if declared.get("protocol", "TCP") != "TCP":
+                        continue
+                    port = declared["containerPort"]
+                    if not any(p == port and a in ("0.0.0.0", "*", "::", pod.ip) for a, p in listening):
+                        name = f"{declared['name']} ({port})" if "name" in declared else str(port)
+                        problems.append(f"pod {pod.name} container {c.name}: containerPort {name} has no listener on "
+                                        f"{pod.ip} (listening: {sorted(f'{a}:{p}' for a, p in listening)})")
+        if problems:
+            raise PodFailure("\n".join(problems))
+
     class _Disruption:
         def __init__(self, cluster):
             self.cluster = cluster
