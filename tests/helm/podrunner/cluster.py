@@ -336,6 +336,22 @@ class Pod:
                     out.add(probe.port(action))
         return out
 
+    def why_not_ready(self):
+        """One line per container holding the pod back: the probe failing and its last error."""
+        out = []
+        for c in self.containers:
+            if c.role == "init" or c.ready:
+                continue
+            if not c.running:
+                state = "not started" if c.process is None else f"exited with code {c.exit_code}"
+                out.append(f"pod {self.name} container {c.name}: {state}")
+                continue
+            for probe in c.probes.values():
+                if not probe.passing and probe.kind != "livenessProbe":
+                    out.append(f"pod {self.name} container {c.name}: {probe.kind} {probe.describe()} "
+                               f"{'never passed' if probe.total_ok == 0 else 'failing'}: {probe.last_error}")
+        return out
+
     def status(self):
         """What `kubectl describe` would say about why this pod is not ready."""
         lines = [f"pod {self.name} ({self.phase}, ip {self.ip}):"]
@@ -346,7 +362,7 @@ class Pod:
                 lines.append(f"    {probe.kind} {probe.describe()}: passing={probe.passing}, "
                              f"successes={probe.total_ok}, failing in a row={probe.consecutive_failed}, last error: {probe.last_error}")
             if not c.ready and c.process is not None:
-                lines.append("    last log lines:\n      " + c.log(12).replace("\n", "\n      "))
+                lines.append("    last log lines:\n      " + c.log(6).replace("\n", "\n      "))
         return "\n".join(lines)
 
 
@@ -1036,8 +1052,10 @@ class Cluster:
                 return
             if time.monotonic() > end:
                 short = {n: f"{counts[n]}/{d}" for n, d in self.desired().items() if counts[n] != d}
-                details = "\n".join(p.status() for p in live if not p.published_ready)
-                raise PodFailure(f"not ready within {timeout}s: {short}\n{details}")
+                unready = [p for p in live if not p.published_ready]
+                headlines = [line for p in unready for line in p.why_not_ready()]
+                details = "\n".join(p.status() for p in unready)
+                raise PodFailure(f"not ready within {timeout}s: {short}\n" + "\n".join(headlines) + f"\ndetails:\n{details}")
             time.sleep(0.1)
 
     def assert_every_probe_passed(self, timeout=30):
