@@ -297,6 +297,7 @@ class Pod:
         self.component = self.labels.get("app.kubernetes.io/component", workload["metadata"]["name"])
         if workload["kind"] == "StatefulSet":
             self.labels["statefulset.kubernetes.io/pod-name"] = name
+            self.labels["apps.kubernetes.io/pod-index"] = str(ordinal)  # Kubernetes 1.28+
             self.spec.setdefault("hostname", name)
             self.spec.setdefault("subdomain", workload["spec"].get("serviceName"))
         elif workload["kind"] == "Deployment":
