@@ -47,27 +47,6 @@ impl Drop for Stopped {
     }
 }
 
-/// GET over HTTP/1.1 with a bound: a stopped process accepts but never answers.
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tokio::time::timeout(Duration::from_secs(2), async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        Some((text.get(9..12)?.parse().ok()?, text))
-    })
-    .await
-    .ok()
-    .flatten()
-}
-
 /// Sum of every series of `name` whose labels contain all of `labels`.
 fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()

@@ -1,10 +1,11 @@
 //! Replicas of the order service behave as one service: they share the
 //! database, fulfilment moves each order exactly once, and a watcher on any
-//! replica sees every change, whichever replica made it.
+//! replica sees every change, whichever replica made it. Each scenario runs
+//! on SQLite and on PostgreSQL.
 
 mod common;
 
-use common::process::*;
+use common::backend::Backend;
 use common::*;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::order::v1::{OrderStatus, WatchOrderRequest};
@@ -16,17 +17,30 @@ const ORDERS: usize = 200;
 
 #[tokio::test]
 async fn two_order_replicas_deliver_every_order_exactly_once() {
+    deliver_every_order_exactly_once(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn two_order_replicas_deliver_every_order_exactly_once_on_postgres() {
+    if let Some(backend) = Backend::postgres().await {
+        deliver_every_order_exactly_once(backend).await;
+    }
+}
+
+async fn deliver_every_order_exactly_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(
-        dir.path(),
-        &[
-            "--replicas",
-            "order=2,payment=3",
-            "--fulfilment-step",
-            "300ms",
-        ],
-    )
-    .await;
+    let mesh = backend
+        .start_mesh(
+            dir.path(),
+            &[
+                "--replicas",
+                "order=2,payment=3",
+                "--fulfilment-step",
+                "300ms",
+            ],
+            &[],
+        )
+        .await;
     let replicas: Vec<String> = mesh
         .instances("order")
         .iter()
@@ -87,18 +101,19 @@ async fn two_order_replicas_deliver_every_order_exactly_once() {
     }
 
     // Exactly one SHIPPED and one DELIVERED change per order, whichever replica moved it.
-    let conn = rusqlite::Connection::open(dir.path().join("order.db")).unwrap();
     for id in &ids {
-        let counts: (i64, i64, i64) = conn
-            .query_row(
-                "SELECT SUM(status = 2), SUM(status = 3), SUM(status = 4) FROM order_events WHERE order_id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        let counts = backend
+            .rows(
+                dir.path(),
+                "order",
+                "SELECT status, count(*) FROM order_events WHERE order_id = $1 \
+                 AND status IN (2, 3, 4) GROUP BY status ORDER BY status",
+                &[id],
             )
-            .unwrap();
+            .await;
         assert_eq!(
             counts,
-            (1, 1, 1),
+            [["2", "1"], ["3", "1"], ["4", "1"]],
             "order {id} moved through each status once"
         );
     }
@@ -107,12 +122,25 @@ async fn two_order_replicas_deliver_every_order_exactly_once() {
 
 #[tokio::test]
 async fn cancel_refunds_whichever_payment_replica_took_the_charge() {
+    cancel_refunds_whichever_replica_charged(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn cancel_refunds_whichever_payment_replica_took_the_charge_on_postgres() {
+    if let Some(backend) = Backend::postgres().await {
+        cancel_refunds_whichever_replica_charged(backend).await;
+    }
+}
+
+async fn cancel_refunds_whichever_replica_charged(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(
-        dir.path(),
-        &["--replicas", "order=2,payment=3", "--fulfilment-step", "1h"],
-    )
-    .await;
+    let mesh = backend
+        .start_mesh(
+            dir.path(),
+            &["--replicas", "order=2,payment=3", "--fulfilment-step", "1h"],
+            &[],
+        )
+        .await;
     let gateway_url = format!(
         "http://{}",
         mesh.mesh_json()["gateway"]["addr"].as_str().unwrap()
@@ -137,16 +165,16 @@ async fn cancel_refunds_whichever_payment_replica_took_the_charge() {
         assert_eq!(cancelled.status, OrderStatus::Cancelled as i32);
     }
     // Every payment is refunded, and the charges were spread over the replicas.
-    let conn = rusqlite::Connection::open(dir.path().join("payment.db")).unwrap();
     for order in &placed {
-        let status: i64 = conn
-            .query_row(
-                "SELECT status FROM payments WHERE order_id = ?1",
-                [&order.id],
-                |r| r.get(0),
+        let statuses = backend
+            .column_i64(
+                dir.path(),
+                "payment",
+                "SELECT status FROM payments WHERE order_id = $1",
+                &[&order.id],
             )
-            .unwrap();
-        assert_eq!(status, 3, "payment of {} is REFUNDED", order.id);
+            .await;
+        assert_eq!(statuses, [3], "payment of {} is REFUNDED", order.id);
     }
     let mut replicas_used = 0;
     for instance in mesh.instances("payment") {

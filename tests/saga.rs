@@ -2,10 +2,11 @@
 //! up` processes: payment processes are paused (SIGSTOP), resumed and killed
 //! while orders are placed and cancelled, and `minimesh reconcile` then
 //! checks that no money is kept without an order and no order without its
-//! money.
+//! money. The chaos run goes on SQLite and on PostgreSQL.
 
 mod common;
 
+use common::backend::Backend;
 use common::process::*;
 use common::*;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
@@ -27,17 +28,23 @@ use tonic::{Code, Request};
 /// Short upstream deadline, so a hung payment costs a call about a second.
 const UPSTREAM_TIMEOUT: &str = "1s";
 
-async fn start(dir: &Path, extra: &[&str]) -> Mesh {
-    start_with_timeout(dir, extra, UPSTREAM_TIMEOUT).await
+async fn start(backend: &Backend, dir: &Path, extra: &[&str]) -> Mesh {
+    start_with_timeout(backend, dir, extra, UPSTREAM_TIMEOUT).await
 }
 
-async fn start_with_timeout(dir: &Path, extra: &[&str], upstream_timeout: &str) -> Mesh {
-    start_mesh_with_env(
-        dir,
-        extra,
-        &[("MINIMESH_UPSTREAM_TIMEOUT", upstream_timeout)],
-    )
-    .await
+async fn start_with_timeout(
+    backend: &Backend,
+    dir: &Path,
+    extra: &[&str],
+    upstream_timeout: &str,
+) -> Mesh {
+    backend
+        .start_mesh(
+            dir,
+            extra,
+            &[("MINIMESH_UPSTREAM_TIMEOUT", upstream_timeout)],
+        )
+        .await
 }
 
 /// Payment processes stopped with SIGSTOP; every one still stopped is
@@ -121,64 +128,16 @@ fn payment_pids(mesh: &Mesh) -> Vec<i64> {
         .collect()
 }
 
-/// `minimesh reconcile -o json` on the mesh's data dir.
-async fn reconcile(dir: &Path) -> serde_json::Value {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_minimesh"))
-        .arg("reconcile")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["-o", "json"])
-        .output()
-        .await
-        .expect("run minimesh reconcile");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
-        panic!(
-            "reconcile printed no JSON ({err}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+/// Statuses of the payments of one order, from the payment store.
+async fn payments_of(backend: &Backend, dir: &Path, order_id: &str) -> Vec<i64> {
+    backend
+        .column_i64(
+            dir,
+            "payment",
+            "SELECT status FROM payments WHERE order_id = $1",
+            &[order_id],
         )
-    });
-    let clean = report["violations"].as_array().unwrap().is_empty();
-    assert_eq!(
-        out.status.success(),
-        clean,
-        "exit status {} must say whether there are violations: {report}",
-        out.status
-    );
-    report
-}
-
-/// Waits until every saga the mesh started has finished, then returns the
-/// reconciliation report (which must have no violations).
-async fn settled_and_reconciled(dir: &Path, within: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let report = reconcile(dir).await;
-        assert!(
-            report["violations"].as_array().unwrap().is_empty(),
-            "reconciliation found violations: {report:#}"
-        );
-        if report["in_flight"].as_array().unwrap().is_empty() {
-            return report;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "saga work still in flight after {within:?}: {report:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// (status, count) of the payments of one order, from the payment database.
-fn payments_of(dir: &Path, order_id: &str) -> Vec<i64> {
-    let conn = rusqlite::Connection::open(dir.join("payment.db")).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT status FROM payments WHERE order_id = ?1")
-        .unwrap();
-    stmt.query_map([order_id], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect()
+        .await
 }
 
 const CAPTURED: i64 = 1;
@@ -214,7 +173,8 @@ async fn watch_to_end(orders: &mut OrderServiceClient<Channel>, id: &str) -> Vec
 async fn a_hung_payment_never_keeps_money_or_invites_a_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     // An upstream timeout longer than the caller deadline used below.
-    let mesh = start_with_timeout(dir.path(), &["--fulfilment-step", "1h"], "3s").await;
+    let backend = Backend::Sqlite;
+    let mesh = start_with_timeout(&backend, dir.path(), &["--fulfilment-step", "1h"], "3s").await;
     let channel = mesh.gateway_channel().await;
     let mut orders = OrderServiceClient::new(channel.clone());
     let buyer = new_user(&mut UserServiceClient::new(channel)).await;
@@ -264,13 +224,21 @@ async fn a_hung_payment_never_keeps_money_or_invites_a_duplicate() {
         events.contains(&(OrderStatus::Paid as i32)),
         "the pending order is settled PAID: {events:?}"
     );
-    let report = settled_and_reconciled(dir.path(), Duration::from_secs(60)).await;
+    let report = backend
+        .settled_and_reconciled(dir.path(), Duration::from_secs(60))
+        .await;
     eprintln!("reconcile: {report}");
 
     // Whether or not the hung charge landed, the cancelled order ends with
     // exactly one payment, refunded; the other with one, captured.
-    assert_eq!(payments_of(dir.path(), &cancelled_later.id), [REFUNDED]);
-    assert_eq!(payments_of(dir.path(), &unkeyed.id), [CAPTURED]);
+    assert_eq!(
+        payments_of(&backend, dir.path(), &cancelled_later.id).await,
+        [REFUNDED]
+    );
+    assert_eq!(
+        payments_of(&backend, dir.path(), &unkeyed.id).await,
+        [CAPTURED]
+    );
     // Retrying K1 returns the cancelled order, and charges nothing more.
     let again = orders.create_order(keyed).await.unwrap().into_inner();
     assert_eq!(
@@ -287,7 +255,10 @@ async fn a_hung_payment_never_keeps_money_or_invites_a_duplicate() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.orders.len(), 2, "two purchases, two orders");
-    assert_eq!(payments_of(dir.path(), &cancelled_later.id), [REFUNDED]);
+    assert_eq!(
+        payments_of(&backend, dir.path(), &cancelled_later.id).await,
+        [REFUNDED]
+    );
     assert!(mesh.terminate().await.success());
 }
 
@@ -319,7 +290,8 @@ async fn fulfilment_keeps_its_pace_while_payment_hangs() {
     const STEP: Duration = Duration::from_secs(2);
     const OWED: usize = 16;
     let dir = tempfile::tempdir().unwrap();
-    let mesh = start(dir.path(), &["--fulfilment-step", "2s"]).await;
+    let backend = Backend::Sqlite;
+    let mesh = start(&backend, dir.path(), &["--fulfilment-step", "2s"]).await;
     let channel = mesh.gateway_channel().await;
     let mut orders = OrderServiceClient::new(channel.clone());
     let buyer = new_user(&mut UserServiceClient::new(channel.clone())).await;
@@ -379,9 +351,14 @@ async fn fulfilment_keeps_its_pace_while_payment_hangs() {
         "fulfilment fell behind by more than one step: shipped {shipped_late} ms, delivered {delivered_late} ms late"
     );
     // Once payment is back, every refund and settlement completes.
-    settled_and_reconciled(dir.path(), Duration::from_secs(60)).await;
+    backend
+        .settled_and_reconciled(dir.path(), Duration::from_secs(60))
+        .await;
     for order in &to_cancel {
-        assert_eq!(payments_of(dir.path(), &order.id), [REFUNDED]);
+        assert_eq!(
+            payments_of(&backend, dir.path(), &order.id).await,
+            [REFUNDED]
+        );
     }
     assert!(mesh.terminate().await.success());
 }
@@ -586,6 +563,17 @@ async fn follow_list(channel: Channel, stop: Arc<tokio::sync::Notify>) -> Vec<St
 /// no purchase was charged twice, and a ListOrders follower saw every order.
 #[tokio::test]
 async fn chaos_loses_no_money_and_charges_no_purchase_twice() {
+    chaos(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn chaos_loses_no_money_and_charges_no_purchase_twice_on_postgres() {
+    if let Some(backend) = Backend::postgres().await {
+        chaos(backend).await;
+    }
+}
+
+async fn chaos(backend: Backend) {
     const CLIENTS: usize = 16;
     let run_for = std::env::var("MINIMESH_CHAOS_SECS")
         .ok()
@@ -593,10 +581,11 @@ async fn chaos_loses_no_money_and_charges_no_purchase_twice() {
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(60));
     let seed = seed();
-    eprintln!("chaos seed {seed}");
+    eprintln!("chaos seed {seed} on {}", backend.name());
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let mesh = start(
+        &backend,
         dir.path(),
         &[
             "--replicas",
@@ -661,7 +650,9 @@ async fn chaos_loses_no_money_and_charges_no_purchase_twice() {
     for client in clients {
         client.await.unwrap();
     }
-    let report = settled_and_reconciled(dir.path(), Duration::from_secs(90)).await;
+    let report = backend
+        .settled_and_reconciled(dir.path(), Duration::from_secs(90))
+        .await;
     stop_follower.notify_one();
     let followed = follower.await.unwrap();
 
@@ -677,35 +668,34 @@ async fn chaos_loses_no_money_and_charges_no_purchase_twice() {
     );
 
     // No purchase made two orders, and no order was charged twice.
-    let conn = rusqlite::Connection::open(dir.path().join("order.db")).unwrap();
-    let per_purchase: Vec<(String, i64)> = conn
-        .prepare("SELECT sku, count(*) FROM order_items GROUP BY sku HAVING count(*) > 1")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let per_purchase = backend
+        .rows(
+            dir.path(),
+            "order",
+            "SELECT sku, count(*) FROM order_items GROUP BY sku HAVING count(*) > 1",
+            &[],
+        )
+        .await;
     assert!(
         per_purchase.is_empty(),
         "purchases with several orders: {per_purchase:?}"
     );
-    let payments = rusqlite::Connection::open(dir.path().join("payment.db")).unwrap();
-    let twice: Vec<(String, i64)> = payments
-        .prepare("SELECT order_id, count(*) FROM payments GROUP BY order_id HAVING count(*) > 1")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let twice = backend
+        .rows(
+            dir.path(),
+            "payment",
+            "SELECT order_id, count(*) FROM payments GROUP BY order_id HAVING count(*) > 1",
+            &[],
+        )
+        .await;
     assert!(twice.is_empty(), "orders charged twice: {twice:?}");
 
     // Scenario 5: the follower missed no order, whichever replica wrote it.
-    let all: BTreeSet<String> = conn
-        .prepare("SELECT id FROM orders")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
+    let all: BTreeSet<String> = backend
+        .rows(dir.path(), "order", "SELECT id FROM orders", &[])
+        .await
+        .into_iter()
+        .map(|row| row[0].clone())
         .collect();
     let followed_set: BTreeSet<String> = followed.iter().cloned().collect();
     let missed: Vec<_> = all.difference(&followed_set).collect();

@@ -1,10 +1,12 @@
 //! Traffic management through real processes: balancing across payment
 //! replicas, avoiding a slow one, surviving a killed one without failed or
 //! duplicated orders, and failing fast within the retry budget when all are
-//! down.
+//! down. The scenarios whose outcome depends on the store (replicas sharing
+//! it, a killed replica's charges) run on SQLite and on PostgreSQL.
 
 mod common;
 
+use common::backend::Backend;
 use common::process::*;
 use common::*;
 use minimesh_proto::order::v1::OrderStatus;
@@ -105,12 +107,25 @@ async fn setup(mesh: &Mesh) -> (Channel, String) {
 
 #[tokio::test]
 async fn orders_spread_evenly_over_three_payment_replicas() {
+    spread_evenly(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn orders_spread_evenly_over_three_payment_replicas_on_postgres() {
+    if let Some(backend) = Backend::postgres().await {
+        spread_evenly(backend).await;
+    }
+}
+
+async fn spread_evenly(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(
-        dir.path(),
-        &["--replicas", "payment=3", "--fulfilment-step", "1h"],
-    )
-    .await;
+    let mesh = backend
+        .start_mesh(
+            dir.path(),
+            &["--replicas", "payment=3", "--fulfilment-step", "1h"],
+            &[],
+        )
+        .await;
     let (channel, user) = setup(&mesh).await;
     let results = place_many(channel, &user, 3000, Arc::new(AtomicUsize::new(0))).await;
     assert!(results.iter().all(|r| r.is_ok()));
@@ -155,34 +170,42 @@ async fn a_slow_replica_gets_clearly_less_traffic() {
     assert!(mesh.terminate().await.success());
 }
 
-fn payments_per_order(dir: &std::path::Path) -> std::collections::HashMap<String, i64> {
-    let conn = rusqlite::Connection::open(dir.join("payment.db")).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT order_id, count(*) FROM payments GROUP BY order_id")
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(|r| r.unwrap())
+async fn payments_per_order(
+    backend: &Backend,
+    dir: &std::path::Path,
+) -> std::collections::HashMap<String, i64> {
+    backend
+        .rows(
+            dir,
+            "payment",
+            "SELECT order_id, count(*) FROM payments GROUP BY order_id",
+            &[],
+        )
+        .await
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].parse().unwrap()))
         .collect()
 }
 
 /// 16 clients place 2000 orders; one payment replica's `victim` process is
 /// killed with SIGKILL part-way through.
-async fn survive_kill(victim: &str) {
+async fn survive_kill(backend: Backend, victim: &str) {
     let dir = tempfile::tempdir().unwrap();
     // A long restart delay keeps the dead replica dead for most of the run.
-    let mesh = start_mesh(
-        dir.path(),
-        &[
-            "--replicas",
-            "payment=3",
-            "--fulfilment-step",
-            "1h",
-            "--restart-delay",
-            "5s",
-        ],
-    )
-    .await;
+    let mesh = backend
+        .start_mesh(
+            dir.path(),
+            &[
+                "--replicas",
+                "payment=3",
+                "--fulfilment-step",
+                "1h",
+                "--restart-delay",
+                "5s",
+            ],
+            &[],
+        )
+        .await;
     let (channel, user) = setup(&mesh).await;
     let pid = mesh.instances("payment")[1][victim].as_i64().unwrap();
     let progress = Arc::new(AtomicUsize::new(0));
@@ -209,7 +232,7 @@ async fn survive_kill(victim: &str) {
     );
     let placed: Vec<_> = results.into_iter().map(|r| r.unwrap()).collect();
     assert!(placed.iter().all(|o| o.status == OrderStatus::Paid as i32));
-    let payments = payments_per_order(dir.path());
+    let payments = payments_per_order(&backend, dir.path()).await;
     for order in &placed {
         assert_eq!(
             payments.get(&order.id),
@@ -233,12 +256,26 @@ async fn survive_kill(victim: &str) {
 
 #[tokio::test]
 async fn killing_a_payment_service_loses_and_duplicates_nothing() {
-    survive_kill("pid").await;
+    survive_kill(Backend::Sqlite, "pid").await;
 }
 
 #[tokio::test]
 async fn killing_a_payment_sidecar_loses_and_duplicates_nothing() {
-    survive_kill("sidecar_pid").await;
+    survive_kill(Backend::Sqlite, "sidecar_pid").await;
+}
+
+#[tokio::test]
+async fn killing_a_payment_service_loses_and_duplicates_nothing_on_postgres() {
+    if let Some(backend) = Backend::postgres().await {
+        survive_kill(backend, "pid").await;
+    }
+}
+
+#[tokio::test]
+async fn killing_a_payment_sidecar_loses_and_duplicates_nothing_on_postgres() {
+    if let Some(backend) = Backend::postgres().await {
+        survive_kill(backend, "sidecar_pid").await;
+    }
 }
 
 #[tokio::test]

@@ -62,6 +62,7 @@ fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Res
     // SAFETY: the closure runs between fork and exec and only makes prctl(2),
     // which is async-signal-safe. If the suite is killed outright, its
     // children follow instead of lingering.
+    #[allow(unsafe_code)] // std has no safe way to run code between fork and exec
     unsafe {
         command.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)

@@ -75,6 +75,11 @@ pub struct IssuerArgs {
         default_value = "minimesh-identity"
     )]
     pub token_audience: String,
+    /// ServiceAccounts are named `<prefix><identity>` (a Helm release's
+    /// prefix, so two releases can share a namespace): the prefix is taken
+    /// off to form the identity, and a ServiceAccount without it is refused.
+    #[arg(long, env = "MINIMESH_SERVICE_ACCOUNT_PREFIX", default_value = "")]
+    pub service_account_prefix: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +120,7 @@ pub struct Issuer {
     ttl: Duration,
     bootstrap: Option<BootstrapVerifier>,
     reviewer: Option<TokenReviewer>,
+    account_prefix: String,
     outcome: Outcome,
 }
 
@@ -173,6 +179,7 @@ impl Issuer {
             ttl: args.cert_ttl,
             bootstrap,
             reviewer,
+            account_prefix: args.service_account_prefix.clone(),
             outcome,
         })
     }
@@ -204,7 +211,17 @@ impl Issuer {
                         Status::unavailable(e.to_string())
                     }
                 })?;
-                SpiffeId::new(&self.trust_domain, &account.namespace, &account.name)
+                let name = account
+                    .name
+                    .strip_prefix(self.account_prefix.as_str())
+                    .filter(|name| !name.is_empty())
+                    .ok_or_else(|| {
+                        Status::permission_denied(format!(
+                            "ServiceAccount {}/{} is not one of this mesh's (their names start with {:?})",
+                            account.namespace, account.name, self.account_prefix
+                        ))
+                    })?;
+                SpiffeId::new(&self.trust_domain, &account.namespace, name)
                     .map_err(|e| Status::permission_denied(e.to_string()))
             }
             None => match peer_leaf {

@@ -85,6 +85,10 @@ async fn token_review_stand_in(dir: &Path) -> StandIn {
                                     serde_json::json!({"authenticated": true, "audiences": audiences,
                                 "user": {"username": "system:serviceaccount:default:order"}})
                                 }
+                                "prefixed-order-token" => {
+                                    serde_json::json!({"authenticated": true, "audiences": audiences,
+                                "user": {"username": "system:serviceaccount:default:shop-minimesh-order"}})
+                                }
                                 "payment-token" => {
                                     serde_json::json!({"authenticated": true, "audiences": audiences,
                                 "user": {"username": "system:serviceaccount:default:payment"}})
@@ -130,6 +134,10 @@ struct Running {
 }
 
 async fn start_issuer() -> Running {
+    start_issuer_with_prefix("").await
+}
+
+async fn start_issuer_with_prefix(account_prefix: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("mesh-ca");
     init_ca(&ca_dir, 1, false).unwrap();
@@ -149,6 +157,7 @@ async fn start_issuer() -> Running {
         kubernetes_ca: stand_in.ca_file.clone(),
         kubernetes_token_file: own_token,
         token_audience: "minimesh-identity".into(),
+        service_account_prefix: account_prefix.into(),
     };
     let issuer = Arc::new(Issuer::new(&args, Arc::new(|_| {})).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -297,6 +306,27 @@ async fn a_service_account_token_gets_only_the_identity_token_review_names() {
     assert!(
         !bearers.is_empty() && bearers.iter().all(|b| b == "Bearer issuer-own-token"),
         "{bearers:?}"
+    );
+}
+
+/// Two Helm releases in one namespace: ServiceAccounts carry the release's
+/// prefix, identities do not, and an account without the prefix gets none.
+#[tokio::test]
+async fn a_service_account_prefix_is_taken_off_and_required() {
+    let issuer = start_issuer_with_prefix("shop-minimesh-").await;
+    let prefixed = issuer.config(
+        id("order"),
+        Credential::TokenFile(issuer.token_file("prefixed-order-token")),
+    );
+    let issued = certify(&prefixed, None).await.unwrap();
+    assert_eq!(leaf_id(&issued.chain_pem), id("order"));
+    let bare = issuer.config(
+        id("order"),
+        Credential::TokenFile(issuer.token_file("order-token")),
+    );
+    assert_eq!(
+        refused(certify(&bare, None).await),
+        tonic::Code::PermissionDenied
     );
 }
 

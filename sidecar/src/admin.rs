@@ -8,7 +8,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use minimesh_runtime::exposition::Format;
+use minimesh_telemetry::exposition::Format;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -28,6 +28,10 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("allow-list: {0}")]
     Allow(#[from] minimesh_certs::SpiffeError),
+    #[error("{0}")]
+    Route(String),
+    #[error("route {prefix:?} goes to {upstream:?}, which is not a configured upstream")]
+    RouteTarget { prefix: String, upstream: String },
 }
 
 /// The file format (every key optional).
@@ -41,6 +45,9 @@ pub struct FileConfig {
     pub allow: Vec<String>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, FileUpstream>,
+    /// gRPC path prefixes (`shop.payment.`) to upstream names.
+    #[serde(default)]
+    pub routes: BTreeMap<String, String>,
     #[serde(default)]
     pub timeouts: FileTimeouts,
     #[serde(default)]
@@ -109,6 +116,10 @@ pub struct TrafficArgs {
     /// Upstream endpoints: SERVICE=HOST:PORT[,HOST:PORT…]; names are re-resolved by DNS (repeatable).
     #[arg(long = "upstream", env = "MINIMESH_UPSTREAMS", value_delimiter = ';')]
     pub upstreams: Vec<String>,
+    /// A call whose `:authority` names no upstream goes by the longest of
+    /// these gRPC path prefixes: `PREFIX=UPSTREAM`, e.g. `shop.payment.=payment`.
+    #[arg(long = "route", env = "MINIMESH_ROUTES", value_delimiter = ';')]
+    pub routes: Vec<String>,
     /// Longest wait for response headers from one attempt (e.g. 2s); none by default.
     #[arg(long, env = "MINIMESH_PER_TRY_TIMEOUT", value_parser = humantime::parse_duration)]
     pub per_try_timeout: Option<Duration>,
@@ -217,6 +228,28 @@ impl TrafficArgs {
             out.insert(service.clone(), targets);
         }
         Ok(out)
+    }
+}
+
+impl TrafficArgs {
+    /// Routes from flags, else from the file; each must name an upstream.
+    pub fn routes(&self, file: &FileConfig) -> Result<crate::route::Routes, ConfigError> {
+        let pairs: Vec<(String, String)> = if self.routes.is_empty() {
+            file.routes.clone().into_iter().collect()
+        } else {
+            self.routes
+                .iter()
+                .map(|spec| crate::route::parse_route(spec).map_err(ConfigError::Route))
+                .collect::<Result<_, _>>()?
+        };
+        let upstreams = self.upstreams(file)?;
+        if let Some((prefix, upstream)) = pairs.iter().find(|(_, u)| !upstreams.contains_key(u)) {
+            return Err(ConfigError::RouteTarget {
+                prefix: prefix.clone(),
+                upstream: upstream.clone(),
+            });
+        }
+        Ok(crate::route::Routes::new(pairs))
     }
 }
 

@@ -3,11 +3,12 @@
 //!
 //! - [`tls`]: mesh mTLS configurations, SPIFFE identity checks, reloading;
 //! - [`authz`]: the allow-list of caller identities;
-//! - [`route`]: gRPC service name → upstream;
+//! - [`route`]: `:authority` or a configured path prefix → upstream (no protos);
 //! - [`client`]: one HTTP/2 connection per endpoint;
 //! - [`upstream`]: discovery, balancing, ejection, retries and deadlines for
 //!   one upstream (policy from `minimesh-traffic`);
 //! - [`body`]: streaming bodies and the proxy's own gRPC answers;
+//! - [`replay`]: a request body kept (up to a cap) so a call can be sent again;
 //! - [`metrics`], [`admin`]: Prometheus series and `/live`, `/ready`, `/metrics`;
 //! - [`server`]: the listeners that compose all of the above.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
+pub mod replay;
 pub mod route;
 pub mod server;
 pub mod strict;

@@ -1,6 +1,6 @@
 //! The proxy's Prometheus series, with the labels of CONTRACT §3.
 
-use minimesh_runtime::exposition::Format;
+use minimesh_telemetry::exposition::Format;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -191,7 +191,7 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = renewals.get_or_create(&ResultLabels { result });
         }
-        minimesh_runtime::telemetry::register_span_counters(&mut registry);
+        minimesh_telemetry::telemetry::register_span_counters(&mut registry);
         Arc::new(Self {
             registry,
             requests,
@@ -281,7 +281,7 @@ impl Metrics {
 
     /// Every series, in the format the scraper asked for.
     pub fn render(&self, format: Format) -> String {
-        minimesh_runtime::exposition::encode(&[&self.registry], format)
+        minimesh_telemetry::exposition::encode(&[&self.registry], format)
     }
 }
 

@@ -1,70 +1,208 @@
-//! Which upstream a call goes to, from its gRPC path alone.
+//! Which upstream a call goes to, knowing no application's protos: the
+//! `:authority` names an upstream (`payment`, `payment:80`,
+//! `payment.shop.svc.cluster.local:8080`), or else the longest configured
+//! prefix of the gRPC path does (`--route shop.payment.=payment`).
 
-/// `/shop.payment.v1.PaymentService/Charge` goes to `payment`. Reflection and
-/// health, which every service serves, go to `default` when there is one
-/// (the gateway uses this so `grpcurl list` works through it).
-pub fn upstream_for<'a>(path: &'a str, default: Option<&'a str>) -> Option<&'a str> {
-    let rest = path.strip_prefix('/')?;
-    let (service, _method) = rest.split_once('/')?;
-    if let Some(shop) = service.strip_prefix("shop.") {
-        let (name, rest) = shop.split_once('.')?;
-        // Only versioned packages: shop.<name>.v<N>.<Service>
-        let version = rest.split('.').next()?;
-        let numbered = version
-            .strip_prefix('v')
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        return (numbered && !name.is_empty()).then_some(name);
+/// How a call found its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Authority,
+    Route,
+    /// Health and reflection at the gateway, which every service serves.
+    Default,
+}
+
+/// The routes table: gRPC path prefixes (without the leading `/`) to upstreams.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    /// Longest prefix first, so the first match is the longest.
+    by_prefix: Vec<(String, String)>,
+}
+
+impl Routes {
+    pub fn new(routes: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut by_prefix: Vec<(String, String)> = routes
+            .into_iter()
+            .map(|(prefix, upstream)| (prefix.trim_start_matches('/').to_owned(), upstream))
+            .collect();
+        by_prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        by_prefix.dedup_by(|a, b| a.0 == b.0);
+        Self { by_prefix }
     }
-    if service.starts_with("grpc.reflection.") || service == "grpc.health.v1.Health" {
-        return default;
+
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_prefix.iter().map(|(p, u)| (p.as_str(), u.as_str()))
     }
-    None
+
+    /// The upstream for a call, if any: by authority when it names a
+    /// configured upstream (`is_upstream`), else by the longest matching
+    /// route, else health and reflection to `default`.
+    pub fn resolve<'a>(
+        &'a self,
+        authority: Option<&'a str>,
+        path: &'a str,
+        is_upstream: impl Fn(&str) -> bool,
+        default: Option<&'a str>,
+    ) -> Option<(&'a str, Via)> {
+        if let Some(name) = authority.and_then(first_label)
+            && is_upstream(name)
+        {
+            return Some((name, Via::Authority));
+        }
+        let rpc = path.strip_prefix('/')?;
+        if let Some((_, upstream)) = self
+            .by_prefix
+            .iter()
+            .find(|(prefix, _)| rpc.starts_with(prefix.as_str()))
+        {
+            return Some((upstream.as_str(), Via::Route));
+        }
+        let service = rpc.split_once('/')?.0;
+        if service.starts_with("grpc.reflection.") || service == "grpc.health.v1.Health" {
+            return default.map(|name| (name, Via::Default));
+        }
+        None
+    }
+}
+
+/// `payment.shop.svc.cluster.local:8080` → `payment`; an IP address names
+/// no upstream.
+fn first_label(authority: &str) -> Option<&str> {
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.starts_with('[') {
+        return None;
+    }
+    let host = host.split(':').next()?;
+    let label = host.split('.').next()?;
+    let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    (!label.is_empty() && !is_ip).then_some(label)
+}
+
+/// Parses `PREFIX=UPSTREAM` (a `--route` flag).
+pub fn parse_route(spec: &str) -> Result<(String, String), String> {
+    let (prefix, upstream) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("route {spec:?} is not PREFIX=UPSTREAM"))?;
+    let prefix = prefix.trim().trim_start_matches('/');
+    let upstream = upstream.trim();
+    if prefix.is_empty() || upstream.is_empty() {
+        return Err(format!("route {spec:?} is not PREFIX=UPSTREAM"));
+    }
+    Ok((prefix.to_owned(), upstream.to_owned()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn routes_by_package() {
-        assert_eq!(
-            upstream_for("/shop.payment.v1.PaymentService/Charge", None),
-            Some("payment")
-        );
-        assert_eq!(
-            upstream_for("/shop.order.v1.OrderService/WatchOrder", Some("user")),
-            Some("order")
-        );
-        assert_eq!(
-            upstream_for("/shop.user.v12.UserService/GetUser", None),
-            Some("user")
-        );
+    fn shop() -> Routes {
+        Routes::new([
+            ("shop.payment.".to_owned(), "payment".to_owned()),
+            ("shop.".to_owned(), "catchall".to_owned()),
+            ("/shop.user.v1.UserService/".to_owned(), "user".to_owned()),
+        ])
+    }
+
+    const UPSTREAMS: [&str; 4] = ["payment", "user", "order", "catchall"];
+
+    fn known(name: &str) -> bool {
+        UPSTREAMS.contains(&name)
     }
 
     #[test]
-    fn reflection_and_health_go_to_the_default() {
+    fn the_authority_names_the_upstream_in_any_form() {
+        let routes = shop();
+        for authority in [
+            "payment",
+            "payment:80",
+            "payment.shop.svc.cluster.local:8080",
+            "payment.shop.svc.cluster.local.",
+        ] {
+            assert_eq!(
+                routes.resolve(Some(authority), "/any.Thing/Do", known, None),
+                Some(("payment", Via::Authority)),
+                "{authority}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_authority_naming_no_upstream_falls_back_to_the_longest_route() {
+        let routes = shop();
+        for authority in [
+            None,
+            Some("127.0.0.1:4140"),
+            Some("localhost:4140"),
+            Some("[::1]:4140"),
+        ] {
+            assert_eq!(
+                routes.resolve(
+                    authority,
+                    "/shop.payment.v1.PaymentService/Charge",
+                    known,
+                    None
+                ),
+                Some(("payment", Via::Route))
+            );
+            assert_eq!(
+                routes.resolve(authority, "/shop.user.v1.UserService/GetUser", known, None),
+                Some(("user", Via::Route))
+            );
+            assert_eq!(
+                routes.resolve(
+                    authority,
+                    "/shop.order.v1.OrderService/GetOrder",
+                    known,
+                    None
+                ),
+                Some(("catchall", Via::Route))
+            );
+        }
+    }
+
+    #[test]
+    fn health_and_reflection_go_to_the_default_only() {
+        let routes = Routes::default();
         for path in [
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
             "/grpc.health.v1.Health/Check",
         ] {
-            assert_eq!(upstream_for(path, Some("user")), Some("user"), "{path}");
-            assert_eq!(upstream_for(path, None), None, "{path}");
+            assert_eq!(
+                routes.resolve(None, path, known, Some("user")),
+                Some(("user", Via::Default))
+            );
+            assert_eq!(routes.resolve(None, path, known, None), None);
         }
     }
 
     #[test]
     fn anything_else_has_no_route() {
+        let routes = shop();
         for path in [
             "/",
             "",
-            "/shop.payment.PaymentService/Charge",
             "/other.v1.Svc/M",
-            "/shop..v1.X/Y",
-            "/shop.payment.vx.P/C",
             "/nomethod",
+            "shop.payment.v1.P/C",
         ] {
-            assert_eq!(upstream_for(path, Some("user")), None, "{path:?}");
+            assert_eq!(
+                routes.resolve(Some("10.0.0.1"), path, known, Some("user")),
+                None,
+                "{path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn route_flags_are_parsed() {
+        assert_eq!(
+            parse_route("shop.payment.=payment").unwrap(),
+            ("shop.payment.".into(), "payment".into())
+        );
+        assert_eq!(parse_route("/a.B/=b").unwrap(), ("a.B/".into(), "b".into()));
+        for bad in ["", "x", "=y", "x="] {
+            assert!(parse_route(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -15,16 +15,15 @@ use crate::client::{Connection, Transport};
 use crate::config::{ConfigError, FileConfig, TrafficArgs};
 use crate::listener::{CallGuard, Limits, accept_loop, serve_h2};
 use crate::metrics::{CallName, INBOUND, Metrics, OUTBOUND};
-use crate::route::upstream_for;
+use crate::route::{Routes, Via};
 use crate::tls::{Reloader, TlsError, peer_identity};
 use crate::upstream::{CallReport, TrafficPolicy, Upstream};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use minimesh_certs::SpiffeId;
-use minimesh_runtime::trace::{continue_trace, inject_trace, record_ids, record_status};
+use minimesh_telemetry::trace::{continue_trace, inject_trace, record_ids, record_status};
 use minimesh_traffic::discover::{self, HostsFileResolver, Resolve, SystemResolver};
-use minimesh_traffic::retry::MethodKinds;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -180,29 +179,6 @@ pub struct GatewayArgs {
     pub limits: Limits,
 }
 
-/// Which methods take a single request message, from the shop descriptors.
-pub fn method_kinds() -> MethodKinds {
-    use prost::Message;
-    let Ok(set) = prost_types::FileDescriptorSet::decode(minimesh_proto::FILE_DESCRIPTOR_SET)
-    else {
-        return MethodKinds::default();
-    };
-    let methods = set.file.iter().flat_map(|file| {
-        let package = file.package().to_owned();
-        file.service.iter().flat_map(move |service| {
-            let prefix = format!("/{package}.{}/", service.name());
-            service
-                .method
-                .iter()
-                .map(move |m| (format!("{prefix}{}", m.name()), m.client_streaming()))
-                .collect::<Vec<_>>()
-        })
-    });
-    let mut all: Vec<(String, bool)> = methods.collect();
-    all.push(("/grpc.health.v1.Health/Check".to_owned(), false));
-    MethodKinds::new(all)
-}
-
 fn loaded_file(path: &Option<PathBuf>) -> Result<FileConfig, ConfigError> {
     match path {
         Some(path) => FileConfig::load(path),
@@ -225,7 +201,7 @@ fn naming(identity: &IdentityArgs, file: &FileConfig) -> (String, String) {
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, SidecarError> {
-    let listener = minimesh_runtime::listen::bind(addr)
+    let listener = minimesh_telemetry::listen::bind(addr)
         .await
         .map_err(|source| SidecarError::Bind {
             what,
@@ -253,7 +229,6 @@ fn upstreams(
         Some(path) => Arc::new(HostsFileResolver { path: path.clone() }),
         None => Arc::new(SystemResolver),
     };
-    let kinds = Arc::new(method_kinds());
     let mut out = BTreeMap::new();
     for (service, targets) in traffic.upstreams(file)? {
         let expected =
@@ -269,7 +244,6 @@ fn upstreams(
             transport,
             policy.clone(),
             endpoints,
-            kinds.clone(),
             metrics.clone(),
         );
         out.insert(service, upstream);
@@ -372,6 +346,7 @@ pub async fn run_sidecar(
     });
     let outbound = Arc::new(OutboundState {
         upstreams,
+        routes: args.traffic.routes(&file)?,
         default_upstream: None,
         metrics: metrics.clone(),
         span_kind: SpanKind::Client,
@@ -435,6 +410,7 @@ pub async fn run_gateway(
     let admin_listener = bind("admin", &args.admin).await?;
     let state = Arc::new(OutboundState {
         upstreams,
+        routes: args.traffic.routes(&file)?,
         default_upstream: Some(args.default_upstream.clone()),
         metrics: metrics.clone(),
         span_kind: SpanKind::Server,
@@ -516,6 +492,11 @@ fn print_resolved(
         "namespace": namespace,
         "allow": allow.map(|a| a.entries().iter().map(|id| id.to_string()).collect::<Vec<_>>()),
         "upstreams": upstreams,
+        "routes": traffic
+            .routes(file)?
+            .entries()
+            .map(|(prefix, upstream)| (prefix.to_owned(), upstream.to_owned()))
+            .collect::<BTreeMap<_, _>>(),
         "retries": {
             "maxAttempts": policy.retry.max_attempts,
             "budgetRatio": policy.retry.budget_ratio,
@@ -570,7 +551,7 @@ enum SpanKind {
 fn proxy_span(kind: SpanKind, role: &'static str, path: &str) -> Span {
     // Without an exporter a call's span would only feed log lines, at a cost
     // per call (BENCHMARKS.md); the trace headers pass through either way.
-    if !minimesh_runtime::telemetry::exporting() {
+    if !minimesh_telemetry::telemetry::exporting() {
         return Span::none();
     }
     let name = path.trim_start_matches('/');
@@ -707,6 +688,7 @@ async fn handle_inbound(
 
 struct OutboundState {
     upstreams: BTreeMap<String, Arc<Upstream>>,
+    routes: Routes,
     default_upstream: Option<String>,
     metrics: Arc<Metrics>,
     span_kind: SpanKind,
@@ -726,8 +708,29 @@ async fn handle_outbound(
     let span = proxy_span(state.span_kind, "outbound", &path);
     continue_trace(&span, request.headers());
     record_ids(&span);
-    let routed = upstream_for(&path, state.default_upstream.as_deref())
-        .is_some_and(|name| state.upstreams.contains_key(name));
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let route = state
+        .routes
+        .resolve(
+            authority.as_deref(),
+            &path,
+            |name| state.upstreams.contains_key(name),
+            state.default_upstream.as_deref(),
+        )
+        .map(|(name, via)| (name.to_owned(), via));
+    let routed = route
+        .as_ref()
+        .is_some_and(|(name, _)| state.upstreams.contains_key(name));
     let labels = (
         if routed {
             CallName::of(&path)
@@ -737,15 +740,17 @@ async fn handle_outbound(
         state.client_id.clone(),
     );
     let response = async {
-        let Some(name) = upstream_for(&path, state.default_upstream.as_deref()) else {
+        let Some((name, via)) = route else {
             return grpc_error(
                 Code::Unimplemented,
                 &format!(
-                    "no route for {path}: calls to /shop.<service>.v1.* go to upstream <service>"
+                    "no route for {path}: :authority {} names no upstream and no --route prefix matches",
+                    authority.as_deref().unwrap_or("(none)")
                 ),
                 false,
             );
         };
+        let name = name.as_str();
         let Some(upstream) = state.upstreams.get(name) else {
             return grpc_error(
                 Code::Unimplemented,
@@ -753,11 +758,9 @@ async fn handle_outbound(
                 false,
             );
         };
-        let by_default =
-            state.default_upstream.as_deref() == Some(name) && !path.starts_with("/shop.");
         if let Some(exposed) = &state.expose
             && !exposed.contains(name)
-            && !by_default
+            && via != Via::Default
         {
             return grpc_error(
                 Code::PermissionDenied,

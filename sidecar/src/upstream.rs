@@ -5,20 +5,15 @@
 use crate::body::{Code, ProxyBody, boxed, grpc_error};
 use crate::client::{Connection, Transport};
 use crate::metrics::Metrics;
-use bytes::Bytes;
+use crate::replay::ReplayBody;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body::Body;
-use http_body_util::BodyExt;
 use minimesh_traffic::deadline::Deadline;
 use minimesh_traffic::discover::Endpoints;
 use minimesh_traffic::eject::{EjectionPolicy, Transition};
 use minimesh_traffic::endpoint::{EjectionCap, EndpointPolicy, EndpointState, Outcome, choose};
-use minimesh_traffic::retry::{self, MethodKinds, RetryBudget, RetryPolicy};
-use std::collections::VecDeque;
+use minimesh_traffic::retry::{self, RetryBudget, RetryPolicy};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -72,7 +67,6 @@ pub struct Upstream {
     cap: Arc<EjectionCap>,
     endpoints: RwLock<Vec<Arc<Endpoint>>>,
     budget: RetryBudget,
-    kinds: Arc<MethodKinds>,
     metrics: Arc<Metrics>,
 }
 
@@ -83,13 +77,6 @@ pub struct CallReport {
     pub endpoint: Option<SocketAddr>,
 }
 
-enum Payload {
-    /// The whole request, small enough to send again.
-    Replay(Bytes),
-    /// A stream (or a large message) that can be sent once.
-    Once(Option<ProxyBody>),
-}
-
 impl Upstream {
     /// Creates the upstream and keeps its endpoints in step with `endpoints`.
     pub fn new(
@@ -98,7 +85,6 @@ impl Upstream {
         transport: Transport,
         policy: TrafficPolicy,
         mut endpoints: watch::Receiver<Endpoints>,
-        kinds: Arc<MethodKinds>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let upstream = Arc::new(Self {
@@ -114,7 +100,6 @@ impl Upstream {
             cap: EjectionCap::new(policy.ejection.max_ejection_percent),
             policy,
             endpoints: RwLock::new(Vec::new()),
-            kinds,
             metrics,
         });
         upstream.reconcile(&endpoints.borrow_and_update());
@@ -217,21 +202,9 @@ impl Upstream {
         self.budget.deposit();
         let (parts, body) = request.into_parts();
         let path = parts.uri.path().to_owned();
-        let mut payload = if self.kinds.replayable(&path) {
-            match buffer(body, retry::MAX_REPLAY_BYTES).await {
-                Ok(Buffered::Whole(bytes)) => Payload::Replay(bytes),
-                Ok(Buffered::Partial(body)) => Payload::Once(Some(body)),
-                Err(err) => {
-                    return grpc_error(
-                        Code::Unavailable,
-                        &format!("reading the request failed: {err}"),
-                        false,
-                    );
-                }
-            }
-        } else {
-            Payload::Once(Some(body))
-        };
+        // Sent as it is read, with a copy kept for a retry while one is possible.
+        let (first, replay) = ReplayBody::new(body, retry::MAX_REPLAY_BYTES);
+        let mut next_body = Some(first);
         let (method, uri, version, headers) =
             (parts.method, parts.uri, parts.version, parts.headers);
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -275,18 +248,15 @@ impl Upstream {
             };
             report.attempts = attempt;
             report.endpoint = Some(endpoint.addr());
-            let body = match &mut payload {
-                Payload::Replay(bytes) => boxed(http_body_util::Full::new(bytes.clone())),
-                Payload::Once(body) => match body.take() {
-                    Some(body) => body,
-                    None => break,
-                },
+            let Some(body) = next_body.take().or_else(|| replay.replay()) else {
+                break;
             };
+            let body = boxed(body);
             // Each attempt is its own span, so retries show as separate tries.
             let attempt_span = tracing::info_span!("proxy.attempt", otel.name = %format!("{} attempt {attempt}", path.trim_start_matches('/')),
                 otel.kind = "client", attempt, probe, server.address = %endpoint.addr());
             let mut request = build_request(&method, &uri, version, &headers, body, deadline);
-            minimesh_runtime::trace::inject_trace(&attempt_span, request.headers_mut());
+            minimesh_telemetry::trace::inject_trace(&attempt_span, request.headers_mut());
             let per_try = match (self.policy.per_try_timeout, deadline) {
                 (Some(per_try), Some(d)) if per_try < d.remaining() => Some(per_try),
                 (Some(per_try), None) => Some(per_try),
@@ -318,10 +288,10 @@ impl Upstream {
                         endpoint.addr()
                     );
                     last_code = Code::DeadlineExceeded;
-                    // Only a replayable request may go elsewhere, and only
-                    // when its own deadline has time left.
+                    // Only a request read whole (and kept) may go elsewhere,
+                    // and only when its own deadline has time left.
                     let time_left = !deadline.is_some_and(|d| d.expired());
-                    if per_try.is_none() || !time_left || !matches!(payload, Payload::Replay(_)) {
+                    if per_try.is_none() || !time_left || !replay.is_complete() {
                         return grpc_error(Code::DeadlineExceeded, &last_error, false);
                     }
                     need_fresh = true;
@@ -343,14 +313,10 @@ impl Upstream {
                         return response.map(boxed);
                     }
                 }
-                Ok(Err((err, unsent))) => {
+                Ok(Err((err, _unsent))) => {
                     tracked.finish(Outcome::Failure);
                     last_error = err.to_string();
                     last_code = Code::Unavailable;
-                    if let (Some(unsent), Payload::Once(slot)) = (unsent, &mut payload) {
-                        // Never sent: the stream can still go elsewhere.
-                        *slot = Some(unsent.into_body());
-                    }
                     if !err.never_sent() {
                         return grpc_error(Code::Unavailable, &last_error, false);
                     }
@@ -358,11 +324,7 @@ impl Upstream {
                 }
             };
             tried.push(endpoint.addr());
-            let can_resend = match &payload {
-                Payload::Replay(_) => true,
-                Payload::Once(body) => body.is_some(),
-            };
-            if !retryable || !can_resend || attempt == max_attempts {
+            if !retryable || attempt == max_attempts {
                 break;
             }
             if !self.budget.withdraw() {
@@ -399,60 +361,4 @@ fn build_request(
         deadline.propagate(request.headers_mut());
     }
     request
-}
-
-enum Buffered {
-    Whole(Bytes),
-    /// Larger than the limit: what was read, followed by the rest.
-    Partial(ProxyBody),
-}
-
-/// Reads a request body whole if it ends within `limit` bytes.
-async fn buffer(mut body: ProxyBody, limit: usize) -> Result<Buffered, crate::body::BoxError> {
-    let mut chunks: VecDeque<Bytes> = VecDeque::new();
-    let mut size = 0;
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        if let Ok(data) = frame.into_data() {
-            size += data.len();
-            chunks.push_back(data);
-            if size > limit {
-                return Ok(Buffered::Partial(boxed(Prefixed {
-                    prefix: chunks,
-                    rest: body,
-                })));
-            }
-        }
-        // Request trailers do not occur in gRPC; anything else is dropped.
-    }
-    let mut whole = bytes::BytesMut::with_capacity(size);
-    for chunk in chunks {
-        whole.extend_from_slice(&chunk);
-    }
-    Ok(Buffered::Whole(whole.freeze()))
-}
-
-pin_project_lite::pin_project! {
-    /// Already-read chunks, then the rest of the original body.
-    struct Prefixed {
-        prefix: VecDeque<Bytes>,
-        #[pin]
-        rest: ProxyBody,
-    }
-}
-
-impl Body for Prefixed {
-    type Data = Bytes;
-    type Error = crate::body::BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        if let Some(chunk) = this.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
-        }
-        this.rest.poll_frame(cx)
-    }
 }

@@ -190,6 +190,7 @@ fn static_upstream(inbounds: &[SocketAddr]) -> TrafficArgs {
     let list: Vec<String> = inbounds.iter().map(|a| a.to_string()).collect();
     TrafficArgs {
         upstreams: vec![format!("payment={}", list.join(","))],
+        routes: vec!["shop.payment.=payment".into()],
         dns_refresh: Duration::from_millis(50),
         ..TrafficArgs::default()
     }
@@ -282,6 +283,21 @@ async fn calls_are_routed_by_service_and_unknown_services_are_unimplemented() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     assert!(err.message().contains("no route"), "{}", err.message());
+
+    // The same call with `:authority: payment` goes to payment: it is the
+    // application, not the proxy, that does not know the method.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", pair.outbound))
+        .unwrap()
+        .origin(http::Uri::from_static(
+            "http://payment.shop.svc.cluster.local:8080",
+        ))
+        .connect()
+        .await
+        .unwrap();
+    let routed = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await;
+    assert!(routed.is_ok(), "routed by authority to the app: {routed:?}");
 }
 
 #[tokio::test]
@@ -434,6 +450,7 @@ async fn dns_names_follow_endpoints_that_appear_and_vanish() {
         let port = live[0].port();
         TrafficArgs {
             upstreams: vec![format!("payment=payment-headless:{port}")],
+            routes: vec!["shop.payment.=payment".into()],
             hosts_file: Some(hosts_for_args),
             dns_refresh: Duration::from_millis(50),
             retry_max_attempts: Some(1),

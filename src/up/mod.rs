@@ -358,12 +358,20 @@ fn plan(
             (*service, list)
         })
         .collect();
+    // Each upstream and the shop's route to it: the proxy knows no
+    // application's protos, so the gRPC package prefix that leads to each
+    // service is configuration written here (and by the chart).
     let upstream_flags = |services: &[&str]| -> Vec<String> {
         services
             .iter()
             .flat_map(|svc| {
                 let list = inbounds.get(svc).cloned().unwrap_or_default();
-                [s("--upstream"), format!("{svc}={list}")]
+                [
+                    s("--upstream"),
+                    format!("{svc}={list}"),
+                    s("--route"),
+                    format!("shop.{svc}.={svc}"),
+                ]
             })
             .collect()
     };

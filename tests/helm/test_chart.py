@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import pathlib
+import re
 import subprocess
 import tempfile
 
@@ -17,13 +18,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import crd_schemas
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "minimesh"
 NAMESPACE = "shop"
 RELEASE = "shop"
 KUBE_VERSION = "1.30.0"
 SERVICES = ["user", "order", "payment"]
-CERT_MANAGER_KINDS = {"Certificate"}
 CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 MATRIX = [("default", {})] + [(f.name, yaml.safe_load(f.read_text())) for f in CI_FILES]
 
@@ -112,15 +114,26 @@ def test_lint_is_clean():
 
 
 def test_every_object_is_valid_kubernetes(rendering):
+    """Strictly, against the Kubernetes schemas; custom resources (cert-manager, Prometheus
+    Operator, Gateway API) against the schemas in crd_schemas.py, as strictly."""
     name, _, objects, hooks = rendering
     for obj in objects + hooks:
-        if obj["kind"] in CERT_MANAGER_KINDS:
-            # Not in the Kubernetes schemas: check the fields cert-manager needs.
-            spec = obj["spec"]
-            assert obj["apiVersion"] == "cert-manager.io/v1"
-            assert spec["secretName"] and spec["issuerRef"]["name"] and spec["uris"]
+        if crd_schemas.is_custom(obj):
+            crd_schemas.validate(obj)
             continue
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kind", ["Certificate", "PodMonitor", "GRPCRoute"])
+def test_custom_resource_schemas_refuse_a_misplaced_field(kind):
+    """The CRD schemas are strict: a field in the wrong place fails, as the objects the chart
+    renders must not."""
+    values = yaml.safe_load((CHART / "ci" / "edge-values.yaml").read_text()) | {"metrics": {"podMonitor": {"enabled": True}}}
+    [obj] = [o for o in install(values) if o["kind"] == kind]
+    crd_schemas.validate(obj)
+    obj["spec"]["selectr"] = {}
+    with pytest.raises(crd_schemas.jsonschema.ValidationError):
+        crd_schemas.validate(obj)
 
 
 def test_every_service_pod_runs_the_service_and_its_sidecar(rendering):
@@ -137,7 +150,7 @@ def test_every_service_pod_runs_the_service_and_its_sidecar(rendering):
         else:
             assert "sidecar" in [c["name"] for c in spec["containers"]]
             assert not spec.get("initContainers")
-        assert spec["serviceAccountName"] == service, "the ServiceAccount name is the identity"
+        assert spec["serviceAccountName"] == f"{fullname(values)}-{service}", "the release's prefix, then the identity"
         if storage(values) == "sqlite":
             # SQLite is single-host: each pod owns a volume.
             assert sts["kind"] == "StatefulSet", f"{name}: {service}"
@@ -165,10 +178,12 @@ def test_sidecar_configs_match_the_services_and_policy(rendering):
         if key == "sidecar.yaml":
             seen.add(config["service"])
             assert config["allow"] == policy[config["service"]]
+        cluster_domain = effective(values)["clusterDomain"]
         for upstream, target in config["upstreams"].items():
             host, port = target["dns"].rsplit(":", 1)
             service_name = host.split(".")[0]
-            assert host == f"{service_name}.{NAMESPACE}.svc.cluster.local"
+            # Absolute, with the cluster's domain: no search-path walk on each re-resolution.
+            assert host == f"{service_name}.{NAMESPACE}.svc.{cluster_domain}.", f"{name}: {host}"
             svc = services.get(service_name)
             assert svc, f"{name}: upstream {upstream} points at missing Service {service_name}"
             assert svc["spec"]["clusterIP"] == "None", "discovery needs the headless Service"
@@ -190,11 +205,9 @@ def test_the_proxy_accepts_every_rendered_config(rendering):
     name, _, objects, _ = rendering
     configs = {(cm["metadata"]["name"], key): config for cm, key, config in sidecar_configs(objects)}
     checked = set()
+    workloads = {id(spec): obj for obj, spec in pod_specs(objects)}
     for identity, spec, proxy in proxies(objects):
-        env = {"PATH": os.environ.get("PATH", "")}
-        for item in proxy["env"]:
-            # The downward API's answer for metadata.namespace.
-            env[item["name"]] = item["value"] if "value" in item else NAMESPACE
+        env = {"PATH": os.environ.get("PATH", "")} | pod_env(workloads[id(spec)], proxy)
         config_dir, key = env["MINIMESH_CONFIG"].rsplit("/", 1)
         [mount] = [m for m in proxy["volumeMounts"] if m["mountPath"] == config_dir]
         [volume] = [vol for vol in spec["volumes"] if vol["name"] == mount["name"]]
@@ -272,6 +285,45 @@ def env_of(container):
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+
+
+def pod_identity(workload, ordinal=0):
+    """(pod name, labels Kubernetes adds) of a workload's pod: a StatefulSet's pods are
+    <name>-<ordinal> with the pod-index label (1.28+), a Deployment's have a generated suffix."""
+    name = workload["metadata"]["name"]
+    if workload["kind"] == "StatefulSet":
+        return f"{name}-{ordinal}", {POD_INDEX_LABEL: str(ordinal)}
+    return f"{name}-5f7d9c8b4-x{ordinal}q2z", {}
+
+
+def pod_env(workload, container, ordinal=0):
+    """A container's environment as kubelet gives it to one pod of the workload: downward API
+    fields resolved, $(VAR) references to variables defined before expanded. Secret references are
+    left out (None)."""
+    pod_name, added = pod_identity(workload, ordinal)
+    labels = workload["spec"]["template"]["metadata"]["labels"] | added
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1)) or m.group(0), item["value"])
+        else:
+            field = item["valueFrom"].get("fieldRef", {}).get("fieldPath")
+            label = re.fullmatch(r"metadata\.labels\['(.+)'\]", field or "")
+            if field == "metadata.namespace":
+                value = NAMESPACE
+            elif field == "metadata.name":
+                value = pod_name
+            elif label:
+                value = labels.get(label.group(1), "")
+            else:
+                assert field is None, f"{container['name']}: unexpected fieldRef {field}"
+                value = None
+        if value is not None:
+            env[item["name"]] = value
+    return env
+
+
 def test_services_listen_on_loopback_only(rendering):
     """Inside each service pod the service's gRPC and metrics ports are bound to 127.0.0.1, no
     container or Service publishes them, and the sidecar forwards to exactly that address."""
@@ -309,8 +361,7 @@ def test_every_container_is_hardened(rendering):
             assert ctx.get("readOnlyRootFilesystem") is True, where
             assert ctx.get("allowPrivilegeEscalation") is False, where
             assert ctx.get("capabilities", {}).get("drop") == ["ALL"], where
-            if obj["kind"] != "Job" and container["name"] not in ("health-through-gateway",):
-                assert "resources" in container, where
+            assert "resources" in container, where
 
 
 def issuer_deployment(objects):
@@ -488,16 +539,20 @@ def test_only_the_issuer_holds_the_trust_anchor_key(rendering):
 def test_proxies_get_their_certificates_from_the_issuer(rendering):
     """Every sidecar and the gateway: the issuer's address and TLS name, a projected token bound
     to the issuer's audience, the namespace from the downward API, the trust anchor's certificate,
-    no certificate or key files, and a ServiceAccount named as the identity it asks for."""
+    no certificate or key files, and a ServiceAccount named as the identity it asks for after the
+    release's prefix, which the issuer is told to take off."""
     name, values, objects, _ = rendering
     v = effective(values)
     found = list(proxies(objects))
     assert sorted(identity for identity, _, _ in found) == sorted(SERVICES + ["gateway"])
     issuer = issuer_deployment(objects)
+    if issuer:
+        issuer_env = env_of(issuer["spec"]["template"]["spec"]["containers"][0])
+        assert issuer_env["MINIMESH_SERVICE_ACCOUNT_PREFIX"] == f"{fullname(values)}-", name
     for identity, spec, proxy in found:
         where = f"{name}: {identity}"
         env = env_of(proxy)
-        assert spec["serviceAccountName"] == identity, where
+        assert spec["serviceAccountName"] == f"{fullname(values)}-{identity}", where
         assert spec["automountServiceAccountToken"] is False, where
         mounts = {m["name"]: m for m in proxy["volumeMounts"]}
         volumes = {vol["name"]: vol for vol in spec["volumes"]}
@@ -510,9 +565,11 @@ def test_proxies_get_their_certificates_from_the_issuer(rendering):
         assert "MINIMESH_CERT" not in env and "MINIMESH_KEY" not in env, where
         issuer_env = env_of(issuer["spec"]["template"]["spec"]["containers"][0])
         addr = env["MINIMESH_IDENTITY_ADDR"]
-        assert addr == f"https://{fullname(values)}-identity.{NAMESPACE}.svc:8443", where
+        # The issuer's Service by its absolute name; TLS checks the name the issuer serves.
+        assert addr == f"https://{fullname(values)}-identity.{NAMESPACE}.svc.{v['clusterDomain']}.:8443", where
         assert env["MINIMESH_IDENTITY_SERVER_NAME"] in issuer_env["MINIMESH_SERVER_NAMES"].split(","), where
-        assert env["MINIMESH_IDENTITY_SERVER_NAME"] == addr.removeprefix("https://").rsplit(":", 1)[0]
+        assert env["MINIMESH_IDENTITY_SERVER_NAME"] == f"{fullname(values)}-identity.{NAMESPACE}.svc"
+        assert f"{fullname(values)}-identity.{NAMESPACE}.svc.{v['clusterDomain']}" in issuer_env["MINIMESH_SERVER_NAMES"].split(",")
         assert env["MINIMESH_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}, where
         token_dir, token_file = env["MINIMESH_IDENTITY_TOKEN_FILE"].rsplit("/", 1)
         [mount] = [m for m in mounts.values() if m["mountPath"] == token_dir]
@@ -533,7 +590,8 @@ def test_proxies_get_their_certificates_from_the_issuer(rendering):
 
 def test_cert_manager_issues_every_identity_instead(rendering):
     name, values, objects, _ = rendering
-    certs = by_kind(objects, "Certificate")
+    # Mesh identities (a SPIFFE URI each), not the edge certificate (gateway.tls).
+    certs = [c for c in by_kind(objects, "Certificate") if c["spec"].get("uris")]
     if not uses_cert_manager(values):
         assert not certs
         return
@@ -572,8 +630,10 @@ def test_tracing_points_every_component_at_the_collector(rendering):
             endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
             assert env.get("OTEL_SERVICE_NAME", "").startswith("minimesh-"), f"{name}: {container['name']}"
             if jaeger:
-                host = endpoint.removeprefix("http://").split(":")[0]
-                assert host in services and endpoint.endswith(":4317"), f"{name}: {endpoint}"
+                host = endpoint.removeprefix("http://").rsplit(":", 1)[0]
+                cluster_domain = effective(values)["clusterDomain"]
+                assert host.split(".")[0] in services and endpoint.endswith(":4317"), f"{name}: {endpoint}"
+                assert host == f"{host.split('.')[0]}.{NAMESPACE}.svc.{cluster_domain}.", f"{name}: {endpoint}"
             elif external:
                 assert endpoint == external
             else:

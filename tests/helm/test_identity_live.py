@@ -60,8 +60,9 @@ def wait_for(what, check, deadline_s=DEADLINE_S):
 class Kubelet:
     """Runs rendered pods as local processes (one replica of each workload)."""
 
-    def __init__(self, objects, workdir, secrets, api):
+    def __init__(self, objects, workdir, secrets, api, cluster_domain="cluster.local"):
         self.objects = objects
+        self.cluster_domain = cluster_domain
         self.dir = workdir
         self.secrets = secrets  # Secrets that exist in the "cluster": rendered ones plus given ones
         self.api = api
@@ -70,17 +71,20 @@ class Kubelet:
         self.configmaps = {c["metadata"]["name"]: c["data"] for c in chart.by_kind(objects, "ConfigMap")}
         self.services = {s["metadata"]["name"]: s for s in chart.by_kind(objects, "Service")}
         self.pods = {}
+        self.workloads = {}
         for obj in objects:
             if obj["kind"] in ("Deployment", "StatefulSet"):
                 self.pods[obj["metadata"]["labels"]["app.kubernetes.io/component"]] = obj["spec"]["template"]
+                self.workloads[obj["metadata"]["labels"]["app.kubernetes.io/component"]] = obj
 
     def port(self, component, container_port):
         return self.ports.setdefault((component, int(container_port)), free_port())
 
     def resolve(self, host, port):
-        """Cluster DNS and kube-proxy: <service>.<namespace>.svc:<port> -> a pod's loopback port."""
+        """Cluster DNS and kube-proxy: <service>.<namespace>.svc[.<cluster domain>.]:<port> -> a
+        pod's loopback port."""
         name, namespace, rest = host.split(".", 2)
-        assert namespace == chart.NAMESPACE and rest in ("svc", "svc.cluster.local"), host
+        assert namespace == chart.NAMESPACE and rest in ("svc", f"svc.{self.cluster_domain}."), host
         service = self.services[name]
         [svc_port] = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
         [component] = [c for c, t in self.pods.items() if chart.selects({"matchLabels": service["spec"]["selector"]}, t["metadata"]["labels"])]
@@ -123,14 +127,12 @@ class Kubelet:
 
     def environment(self, component, container, root):
         env = {"PATH": os.environ.get("PATH", ""), "MINIMESH_LOG_FORMAT": "json"}
+        resolved = chart.pod_env(self.workloads[component], container)
         for item in container.get("env", []):
-            if "valueFrom" in item:
-                assert item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}, item
-                value = chart.NAMESPACE
-            else:
-                value = item["value"]
+            assert item["name"] in resolved, f"{component}/{container['name']}: {item} (no Secrets here)"
+            value = resolved[item["name"]]
             listen = re.fullmatch(r"(0\.0\.0\.0|127\.0\.0\.1):(\d+)", value)
-            url = re.fullmatch(r"https://([a-z0-9.-]+\.svc):(\d+)", value)
+            url = re.fullmatch(r"https://([a-z0-9.-]+\.svc(?:\.[a-z0-9.-]+\.)?):(\d+)", value)
             if listen:
                 value = f"127.0.0.1:{self.port(component, listen.group(2))}"
             elif url:
@@ -246,7 +248,7 @@ def test_every_proxy_gets_its_certificate_from_the_issuer_the_chart_deploys(name
         api_dir.mkdir()
         api = TokenReviewApi(api_dir)
         (api_dir / "token").write_text(api.own_token)
-        kubelet = Kubelet(objects, tmp, secrets, api)
+        kubelet = Kubelet(objects, tmp, secrets, api, cluster_domain=v["clusterDomain"])
         try:
             # What a pod with automountServiceAccountToken gets: the API address, its CA, its token.
             issuer_env = kubelet.start("identity", extra_env={
@@ -276,8 +278,22 @@ def test_every_proxy_gets_its_certificate_from_the_issuer_the_chart_deploys(name
                 status = grpc_status(proxies["gateway"]["MINIMESH_LISTEN"], method)
                 exposed = service in v["gateway"]["expose"]
                 assert (status == PERMISSION_DENIED) != exposed, f"{name}: {service} through the gateway: status {status}"
+            # What a PodMonitor scrapes answers: /metrics on each port it names, on every pod.
+            for monitor in chart.by_kind(objects, "PodMonitor"):
+                scraped = set()
+                for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+                    for component, template in kubelet.pods.items():
+                        for container in chart.all_containers(template["spec"]):
+                            for port in container.get("ports", []):
+                                if port.get("name") == endpoint["port"] and (component, port["containerPort"]) in kubelet.ports:
+                                    url = f"http://127.0.0.1:{kubelet.ports[(component, port['containerPort'])]}{endpoint['path']}"
+                                    text = urllib.request.urlopen(url, timeout=5).read().decode()
+                                    assert "# TYPE " in text, f"{name}: {component}/{container['name']} {url}"
+                                    scraped.add(component)
+                assert scraped == set(chart.SERVICES + ["gateway", "identity"]), f"{name}: PodMonitor scraped {scraped}"
             reviewed = {r["spec"]["token"].split(":")[2] for r in api.reviews}
-            assert reviewed == set(chart.SERVICES + ["gateway"]), f"{name}: TokenReviews for {reviewed}"
+            prefix = f"{chart.fullname(values)}-"
+            assert reviewed == {prefix + i for i in chart.SERVICES + ["gateway"]}, f"{name}: TokenReviews for {reviewed}"
             assert all(r["path_ok"] and r["authorised"] for r in api.reviews), "the issuer calls TokenReview with its own token"
             assert all(r["spec"]["audiences"] == ["minimesh-identity"] for r in api.reviews)
         finally:
@@ -297,9 +313,10 @@ class FakeApiServer:
              "horizontalpodautoscalers": "HorizontalPodAutoscaler", "secrets": "Secret", "configmaps": "ConfigMap",
              "services": "Service", "serviceaccounts": "ServiceAccount", "pods": "Pod"}
 
-    def __init__(self):
+    def __init__(self, kube_version="1.30.0"):
         self.objects = {}
         self.writes = []
+        major, minor, _ = kube_version.split(".")
         fake = self
 
         def resources(group_version, names):
@@ -313,7 +330,7 @@ class FakeApiServer:
             def do_GET(self):
                 path = self.path.split("?")[0]
                 if path == "/version":
-                    return self.answer(200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0"})
+                    return self.answer(200, {"major": major, "minor": minor, "gitVersion": f"v{kube_version}"})
                 if path == "/api":
                     return self.answer(200, {"kind": "APIVersions", "versions": ["v1"]})
                 if path == "/apis":

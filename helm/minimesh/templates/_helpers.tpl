@@ -36,8 +36,60 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/* An image reference: [registry/]repository@digest, or [registry/]repository:tag. global.imageRegistry
+     (a parent chart's, or this chart's) replaces the image's own registry.
+     Call with (dict "root" $ "image" .Values.jaeger.image), "defaultTag" optional. */}}
+{{- define "minimesh.imageRef" -}}
+{{- $image := .image }}
+{{- $registry := default $image.registry (dig "imageRegistry" "" (.root.Values.global | default dict)) }}
+{{- $ref := $image.repository }}
+{{- with $registry }}
+{{- $ref = printf "%s/%s" (trimSuffix "/" .) $ref }}
+{{- end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $ref $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $ref (default .defaultTag $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The minimesh image (its tag defaults to the chart's appVersion). Call with the root context. */}}
 {{- define "minimesh.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "minimesh.imageRef" (dict "root" . "image" .Values.image "defaultTag" .Chart.AppVersion) }}
+{{- end }}
+
+{{/* imagePullSecrets of every pod: the chart's and global ones. Call with the root context. */}}
+{{- define "minimesh.imagePullSecrets" -}}
+{{- $secrets := concat (.Values.imagePullSecrets | default list) (dig "imagePullSecrets" list (.Values.global | default dict)) | uniq }}
+{{- with $secrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The absolute DNS name of a Service of the release's namespace, with the final dot: the
+     resolver asks for exactly this name, never walking the search path. Call with
+     (dict "root" $ "name" "shop-minimesh-user-headless"). */}}
+{{- define "minimesh.serviceFqdn" -}}
+{{- printf "%s.%s.svc.%s." .name .root.Release.Namespace (trimSuffix "." .root.Values.clusterDomain) }}
+{{- end }}
+
+{{/* A pod template's metadata: the chart's labels over the component's podLabels over the
+     chart-wide ones; the given checksum annotations over the component's podAnnotations over the
+     chart-wide ones. Call with (dict "root" $ "component" "order" "values" $componentValues
+     "annotations" (dict "checksum/config" ...)). */}}
+{{- define "minimesh.podMetadata" -}}
+{{- $root := .root }}
+{{- $own := .values | default dict }}
+{{- $labels := include "minimesh.labels" (dict "root" $root "component" .component) | fromYaml }}
+{{- $labels = merge $labels (deepCopy ($own.podLabels | default dict)) (deepCopy ($root.Values.podLabels | default dict)) }}
+{{- $annotations := merge (deepCopy (.annotations | default dict)) (deepCopy ($own.podAnnotations | default dict)) (deepCopy ($root.Values.podAnnotations | default dict)) }}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* cert-manager's Secret for one identity: ca.crt, tls.crt and tls.key. */}}
@@ -50,13 +102,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-identity" (include "minimesh.fullname" .) }}
 {{- end }}
 
+{{/* The issuer's TLS name (one of the DNS names its serving certificate carries). */}}
 {{- define "minimesh.issuerHost" -}}
 {{- printf "%s.%s.svc" (include "minimesh.issuer" .) .Release.Namespace }}
 {{- end }}
 
 {{- define "minimesh.issuerServerNames" -}}
 {{- $svc := include "minimesh.issuer" . }}
-{{- list $svc (printf "%s.%s" $svc .Release.Namespace) (include "minimesh.issuerHost" .) (printf "%s.cluster.local" (include "minimesh.issuerHost" .)) | join "," }}
+{{- list $svc (printf "%s.%s" $svc .Release.Namespace) (include "minimesh.issuerHost" .) (printf "%s.%s" (include "minimesh.issuerHost" .) (trimSuffix "." .Values.clusterDomain)) | join "," }}
 {{- end }}
 
 {{/* The Secret holding the trust anchor (tls.crt, tls.key): the user's, or the release's own. */}}
@@ -123,8 +176,9 @@ app.kubernetes.io/component: {{ .component }}
 # The key is made in memory; the issuer signs it for the ServiceAccount the token proves.
 - name: MINIMESH_CA
   value: /var/run/minimesh/trust/ca.crt
+# Dialled by its absolute name; the TLS name below is checked against the issuer's certificate.
 - name: MINIMESH_IDENTITY_ADDR
-  value: {{ printf "https://%s:8443" (include "minimesh.issuerHost" .) | quote }}
+  value: {{ printf "https://%s:8443" (include "minimesh.serviceFqdn" (dict "root" . "name" (include "minimesh.issuer" .))) | quote }}
 - name: MINIMESH_IDENTITY_SERVER_NAME
   value: {{ include "minimesh.issuerHost" . | quote }}
 - name: MINIMESH_IDENTITY_TOKEN_FILE
@@ -189,7 +243,7 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Where traces go: the bundled Jaeger, an existing collector, or nowhere. */}}
 {{- define "minimesh.otlpEndpoint" -}}
 {{- if .Values.jaeger.enabled }}
-{{- printf "http://%s-jaeger:4317" (include "minimesh.fullname" .) }}
+{{- printf "http://%s:4317" (include "minimesh.serviceFqdn" (dict "root" . "name" (printf "%s-jaeger" (include "minimesh.fullname" .)))) }}
 {{- else }}
 {{- .Values.tracing.otlpEndpoint }}
 {{- end }}
@@ -221,9 +275,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- $root := .root }}
 {{- $upstreams := dict }}
 {{- range .upstreams }}
-{{- $_ := set $upstreams . (dict "dns" (printf "%s.%s.svc.cluster.local:4143" (include "minimesh.headless" (dict "root" $root "name" .)) $root.Release.Namespace)) }}
+{{- $_ := set $upstreams . (dict "dns" (printf "%s:4143" (include "minimesh.serviceFqdn" (dict "root" $root "name" (include "minimesh.headless" (dict "root" $root "name" .)))))) }}
 {{- end }}
-{{- $config := dict "trustDomain" $root.Values.mesh.trustDomain "namespace" $root.Release.Namespace "upstreams" $upstreams }}
+{{- /* The proxy knows no protos: the gRPC package prefix of each upstream is configuration. */}}
+{{- $routes := dict }}
+{{- range .upstreams }}
+{{- $_ := set $routes (printf "shop.%s." .) . }}
+{{- end }}
+{{- $config := dict "trustDomain" $root.Values.mesh.trustDomain "namespace" $root.Release.Namespace "upstreams" $upstreams "routes" $routes }}
 {{- if .service }}
 {{- $_ := set $config "service" .service }}
 {{- $_ := set $config "allow" (get $root.Values.mesh.policy .service) }}
@@ -237,27 +296,57 @@ app.kubernetes.io/component: {{ .component }}
 {{- toPrettyJson $config }}
 {{- end }}
 
-{{/* Pod scheduling knobs shared by every workload. */}}
+{{/* A pod's scheduling and pull secrets: each of nodeSelector, tolerations, affinity and
+     topologySpreadConstraints from the component's values when set, else the chart-wide one. A
+     spread constraint without a labelSelector gets the component's pod labels. Call with
+     (dict "root" $ "component" "order" "values" $componentValues). */}}
 {{- define "minimesh.scheduling" -}}
-{{- with .Values.nodeSelector }}
+{{- $root := .root }}
+{{- $own := .values | default dict }}
+{{- with default $root.Values.nodeSelector $own.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.tolerations }}
+{{- with default $root.Values.tolerations $own.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.affinity }}
+{{- with default $root.Values.affinity $own.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.imagePullSecrets }}
-imagePullSecrets:
+{{- $spread := list }}
+{{- range default $root.Values.topologySpreadConstraints $own.topologySpreadConstraints }}
+{{- $constraint := deepCopy . }}
+{{- if not $constraint.labelSelector }}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" (include "minimesh.selectorLabels" (dict "root" $root "component" $.component) | fromYaml)) }}
+{{- end }}
+{{- $spread = append $spread $constraint }}
+{{- end }}
+{{- with $spread }}
+topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- include "minimesh.imagePullSecrets" $root }}
 {{- end }}
 
-{{/* The sidecar container of a service pod. Call with (dict "root" $ "name" "order"). */}}
+{{/* Who this pod is, for traces: its name (a Deployment's pods have no ordinal) and, in a
+     StatefulSet, its ordinal as MINIMESH_REPLICA (the pod-index label Kubernetes 1.28+ sets).
+     Call with (dict "root" $ "statefulSet" true). */}}
+{{- define "minimesh.podEnv" -}}
+- name: MINIMESH_POD_NAME
+  valueFrom:
+    fieldRef: {fieldPath: metadata.name}
+{{- if .statefulSet }}
+- name: MINIMESH_REPLICA
+  valueFrom:
+    fieldRef: {fieldPath: "metadata.labels['apps.kubernetes.io/pod-index']"}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.namespace.name=%s,k8s.pod.name=$(MINIMESH_POD_NAME)" .root.Release.Namespace | quote }}
+{{- end }}
+
+{{/* The sidecar container of a service pod. Call with (dict "root" $ "name" "order" "statefulSet" bool). */}}
 {{- define "minimesh.sidecarContainer" -}}
 - name: sidecar
   image: {{ include "minimesh.image" .root }}
@@ -274,6 +363,7 @@ imagePullSecrets:
       value: "0.0.0.0:4191"
     - name: MINIMESH_APP
       value: "127.0.0.1:8080"
+    {{- include "minimesh.podEnv" (dict "root" .root "statefulSet" .statefulSet) | nindent 4 }}
     {{- include "minimesh.proxyIdentityEnv" .root | nindent 4 }}
     {{- include "minimesh.tracingEnv" (dict "root" .root "serviceName" (printf "minimesh-sidecar-%s" .name)) | nindent 4 }}
   ports:
@@ -379,4 +469,56 @@ CREATE DATABASE :"role" OWNER :"role";
 REVOKE ALL ON DATABASE :"role" FROM PUBLIC;
 SQL
 done
+{{- end }}
+
+{{/* Jaeger v2's configuration: OTLP/gRPC in, the memory store capped at jaeger.maxTraces, the UI
+     and its API, a health endpoint for the probes. Listeners on every address: the defaults of
+     recent releases are localhost. */}}
+{{- define "minimesh.jaegerConfig" -}}
+service:
+  extensions: [jaeger_storage, jaeger_query, healthcheckv2]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    resource:
+      service.name: jaeger
+    logs:
+      level: info
+extensions:
+  healthcheckv2:
+    use_v2: true
+    http:
+      endpoint: 0.0.0.0:13133
+  jaeger_storage:
+    backends:
+      memstore:
+        memory:
+          max_traces: {{ int .Values.jaeger.maxTraces }}
+  jaeger_query:
+    storage:
+      traces: memstore
+    http:
+      endpoint: 0.0.0.0:16686
+    grpc:
+      endpoint: 0.0.0.0:16685
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 0.0.0.0:4317
+processors:
+  batch: {}
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: memstore
+{{- end }}
+
+{{/* ServiceAccounts of mesh identities are named <prefix><identity>, so two releases can share a
+namespace; the issuer takes the prefix off (MINIMESH_SERVICE_ACCOUNT_PREFIX) to form
+spiffe://<td>/ns/<ns>/sa/<identity>. */}}
+{{- define "minimesh.serviceAccountPrefix" -}}
+{{- printf "%s-" (include "minimesh.fullname" .) -}}
 {{- end }}

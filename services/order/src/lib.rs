@@ -117,12 +117,19 @@ pub enum OrderServiceError {
 /// A channel to a peer service whose calls carry the caller's trace context.
 type Upstream = RpcTrace<Channel>;
 
-fn upstream(addr: &str, timeout: Duration) -> Result<Upstream, OrderServiceError> {
-    let endpoint =
-        Endpoint::from_shared(addr.to_owned()).map_err(|source| OrderServiceError::Upstream {
+/// `origin` (`http://user`) gives each call its `:authority`, which is how
+/// the sidecar dialled at `addr` knows where the call goes.
+fn upstream(
+    addr: &str,
+    origin: &'static str,
+    timeout: Duration,
+) -> Result<Upstream, OrderServiceError> {
+    let endpoint = Endpoint::from_shared(addr.to_owned())
+        .map_err(|source| OrderServiceError::Upstream {
             addr: addr.to_owned(),
             source,
-        })?;
+        })?
+        .origin(tonic::codegen::http::Uri::from_static(origin));
     let channel = endpoint
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(2))
@@ -140,9 +147,14 @@ impl Orders {
         Ok(Arc::new(Self {
             store,
             feed,
-            users: UserServiceClient::new(upstream(&config.user_addr, config.upstream_timeout)?),
+            users: UserServiceClient::new(upstream(
+                &config.user_addr,
+                "http://user",
+                config.upstream_timeout,
+            )?),
             payments: PaymentServiceClient::new(upstream(
                 &config.payment_addr,
+                "http://payment",
                 config.upstream_timeout,
             )?),
             step: config.fulfilment_step,

@@ -785,7 +785,7 @@ macro_rules! dispatch {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {
         match &$self.backend {
             Orders::Sqlite(store) => store.$method($($arg),*).await,
-            Orders::Postgres(store) => store.$method($($arg),*).await,
+            Orders::Postgres(store) => store.pg().bounded(store.$method($($arg),*)).await,
         }
     };
 }

@@ -446,28 +446,28 @@ impl PaymentStore for AnyPaymentStore {
     async fn charge(&self, charge: NewCharge) -> Result<(PaymentRecord, bool), StoreError> {
         match self {
             AnyPaymentStore::Sqlite(s) => s.charge(charge).await,
-            AnyPaymentStore::Postgres(s) => s.charge(charge).await,
+            AnyPaymentStore::Postgres(s) => s.pg.bounded(s.charge(charge)).await,
         }
     }
 
     async fn refund(&self, id: String) -> Result<PaymentRecord, StoreError> {
         match self {
             AnyPaymentStore::Sqlite(s) => s.refund(id).await,
-            AnyPaymentStore::Postgres(s) => s.refund(id).await,
+            AnyPaymentStore::Postgres(s) => s.pg.bounded(s.refund(id)).await,
         }
     }
 
     async fn get(&self, id: String) -> Result<Option<PaymentRecord>, StoreError> {
         match self {
             AnyPaymentStore::Sqlite(s) => s.get(id).await,
-            AnyPaymentStore::Postgres(s) => s.get(id).await,
+            AnyPaymentStore::Postgres(s) => s.pg.bounded(s.get(id)).await,
         }
     }
 
     async fn all(&self) -> Result<Vec<PaymentRecord>, StoreError> {
         match self {
             AnyPaymentStore::Sqlite(s) => s.all().await,
-            AnyPaymentStore::Postgres(s) => s.all().await,
+            AnyPaymentStore::Postgres(s) => s.pg.bounded(s.all()).await,
         }
     }
 }

@@ -78,6 +78,19 @@ impl DbError {
         }
     }
 
+    /// A store fault that fixes itself or that an operator fixes without
+    /// touching the service: a read-only file or a full volume.
+    pub fn is_transient_fault(&self) -> bool {
+        match self {
+            DbError::Down(_) => true,
+            DbError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::DiskFull
+            ),
+            _ => false,
+        }
+    }
+
     /// True for lock contention that a retry may get past.
     pub fn is_busy(&self) -> bool {
         match self {
@@ -87,7 +100,7 @@ impl DbError {
             ),
             DbError::Postgres(err) => matches!(
                 err.code().map(|c| c.code()),
-                Some("40001" | "40P01" | "55P03")
+                Some("40001" | "40P01" | "55P03" | "57014")
             ),
             _ => false,
         }
@@ -164,7 +177,9 @@ impl Db {
         };
         match open_file(path, migrations) {
             Ok(conn) => *db.inner.slot.lock().map_err(|_| DbError::Poisoned)? = Some(conn),
-            Err(err) if err.is_store_down() => {
+            // Read-only or full: an operator fixes it and the service picks
+            // it up. A path that cannot be a database at all fails at once.
+            Err(err) if err.is_transient_fault() => {
                 tracing::warn!(db = %path.display(), %err, "database not usable yet; will retry");
                 db.inner.health.report(&err);
             }

@@ -156,7 +156,11 @@ fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
 pub fn store_status(service: &str, err: &crate::db::DbError) -> tonic::Status {
     if err.is_store_down() {
         tracing::warn!(%err, "{service} store is down");
-        tonic::Status::unavailable(format!("{service} store is down: {err}"))
+        let reason = match err {
+            crate::db::DbError::Down(reason) => reason.clone(),
+            other => other.to_string(),
+        };
+        tonic::Status::unavailable(format!("{service} store is down: {reason}"))
     } else if err.is_busy() {
         tracing::warn!(%err, "{service} store is busy");
         tonic::Status::unavailable(format!("{service} store is busy, try again"))

@@ -1,20 +1,16 @@
-//! The small runtime every minimesh service shares.
+//! The service kit: what the shop's services share beyond telemetry (storage
+//! on SQLite or PostgreSQL, store health, the gRPC server scaffold, paging).
+
+pub use minimesh_telemetry::{exposition, listen, logging, memory, shutdown, telemetry, trace};
 
 pub mod db;
-pub mod exposition;
 pub mod grpc;
 pub mod health;
-pub mod listen;
-pub mod logging;
-pub mod memory;
 pub mod metrics;
 pub mod page;
 pub mod pg;
 mod pg_tls;
-pub mod shutdown;
 pub mod store;
-pub mod telemetry;
-pub mod trace;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

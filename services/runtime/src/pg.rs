@@ -17,6 +17,14 @@ use tokio_postgres::error::SqlState;
 const POOL_SIZE: usize = 16;
 /// How long a call waits for a connection before the store counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Server-side bounds on one statement, one lock wait, and a transaction
+/// left open by a client that stopped answering.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client-side bound on one store operation: a server that hangs (stopped,
+/// or a network that drops packets) cannot enforce its own timeouts.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(12);
 
 /// A pool of connections to one service's schema.
 #[derive(Clone)]
@@ -44,10 +52,20 @@ impl Pg {
             .url
             .parse()
             .map_err(|err: tokio_postgres::Error| DbError::Config(err.to_string()))?;
-        // Unqualified names resolve in the service's own schema only.
+        // Unqualified names resolve in the service's own schema only. The
+        // timeouts bound what a stuck peer can cost: a replica stopped
+        // (SIGSTOP) inside a transaction is cut off by the server and its
+        // locks released, and nobody waits on a lock or a statement for long.
+        let session = format!(
+            "-c search_path={schema} -c statement_timeout={}ms -c lock_timeout={}ms \
+             -c idle_in_transaction_session_timeout={}ms",
+            STATEMENT_TIMEOUT.as_millis(),
+            LOCK_TIMEOUT.as_millis(),
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
+        );
         let options = match config.get_options() {
-            Some(existing) => format!("{existing} -c search_path={schema}"),
-            None => format!("-c search_path={schema}"),
+            Some(existing) => format!("{existing} {session}"),
+            None => session,
         };
         config.options(&options);
         if config.get_connect_timeout().is_none() {
@@ -100,6 +118,25 @@ impl Pg {
     /// Whether the store is serving, as calls and probes last saw it.
     pub fn health(&self) -> &StoreHealth {
         &self.health
+    }
+
+    /// Runs one store operation, giving up after [`OPERATION_TIMEOUT`]: the
+    /// store then counts as down.
+    pub async fn bounded<T, E: From<DbError>>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        match tokio::time::timeout(OPERATION_TIMEOUT, operation).await {
+            Ok(result) => result,
+            Err(_) => {
+                let err = DbError::Down(format!(
+                    "no answer from PostgreSQL within {}s",
+                    OPERATION_TIMEOUT.as_secs()
+                ));
+                self.report(&err);
+                Err(E::from(err))
+            }
+        }
     }
 
     /// Tells health about a failed statement (a lost server shows here first).

@@ -263,21 +263,21 @@ impl UserStore for AnyUserStore {
     async fn create(&self, email: String, display_name: String) -> Result<UserRecord, StoreError> {
         match self {
             AnyUserStore::Sqlite(s) => s.create(email, display_name).await,
-            AnyUserStore::Postgres(s) => s.create(email, display_name).await,
+            AnyUserStore::Postgres(s) => s.pg.bounded(s.create(email, display_name)).await,
         }
     }
 
     async fn get(&self, id: String) -> Result<Option<UserRecord>, StoreError> {
         match self {
             AnyUserStore::Sqlite(s) => s.get(id).await,
-            AnyUserStore::Postgres(s) => s.get(id).await,
+            AnyUserStore::Postgres(s) => s.pg.bounded(s.get(id)).await,
         }
     }
 
     async fn list(&self, after: Option<String>, limit: u32) -> Result<Vec<UserRecord>, StoreError> {
         match self {
             AnyUserStore::Sqlite(s) => s.list(after, limit).await,
-            AnyUserStore::Postgres(s) => s.list(after, limit).await,
+            AnyUserStore::Postgres(s) => s.pg.bounded(s.list(after, limit)).await,
         }
     }
 }

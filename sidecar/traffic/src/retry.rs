@@ -4,8 +4,9 @@
 //! connection could not be made, the peer refused the stream before reading
 //! it (HTTP/2 REFUSED_STREAM), or the peer's proxy answered UNAVAILABLE
 //! without forwarding (it marks such answers with [`PROXY_ERROR_HEADER`]).
-//! Only requests that are one message (not client-streaming) and small enough
-//! to buffer are replayable, and never once the response has started.
+//! A request is sent again only from a complete copy (the proxy keeps one,
+//! up to [`MAX_REPLAY_BYTES`], while a retry is possible), and never once the
+//! response has started.
 
 use http::HeaderMap;
 use rand::Rng;
@@ -101,34 +102,6 @@ impl RetryBudget {
     }
 }
 
-/// Which methods are client-streaming, read from a protobuf descriptor set:
-/// only requests that are a single message can be buffered and replayed.
-#[derive(Debug, Clone, Default)]
-pub struct MethodKinds {
-    client_streaming: std::collections::HashSet<String>,
-    known: std::collections::HashSet<String>,
-}
-
-impl MethodKinds {
-    /// `methods` yields (`/pkg.Service/Method`, client_streaming).
-    pub fn new(methods: impl IntoIterator<Item = (String, bool)>) -> Self {
-        let mut kinds = Self::default();
-        for (path, client_streaming) in methods {
-            if client_streaming {
-                kinds.client_streaming.insert(path.clone());
-            }
-            kinds.known.insert(path);
-        }
-        kinds
-    }
-
-    /// True when the call's request is one message, so it may be replayed.
-    /// Unknown methods are never replayed.
-    pub fn replayable(&self, path: &str) -> bool {
-        self.known.contains(path) && !self.client_streaming.contains(path)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,19 +162,5 @@ mod tests {
                 assert!(policy.backoff(retry, &mut rng) <= ceiling);
             }
         }
-    }
-
-    #[test]
-    fn only_single_message_requests_of_known_methods_replay() {
-        let kinds = MethodKinds::new([
-            ("/shop.payment.v1.PaymentService/Charge".to_owned(), false),
-            (
-                "/shop.payment.v1.PaymentService/ChargeStream".to_owned(),
-                true,
-            ),
-        ]);
-        assert!(kinds.replayable("/shop.payment.v1.PaymentService/Charge"));
-        assert!(!kinds.replayable("/shop.payment.v1.PaymentService/ChargeStream"));
-        assert!(!kinds.replayable("/unknown.Service/Method"));
     }
 }

@@ -226,15 +226,14 @@ impl PgServer {
         }
     }
 
+    /// The postmaster's pid while the server runs.
+    pub fn pid(&self) -> Option<i32> {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        pid_file.lines().next()?.trim().parse().ok()
+    }
+
     fn processes(&self) -> Vec<i32> {
-        let Ok(pid_file) = std::fs::read_to_string(self.data().join("postmaster.pid")) else {
-            return Vec::new();
-        };
-        let Some(postmaster) = pid_file
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse::<i32>().ok())
-        else {
+        let Some(postmaster) = self.pid() else {
             return Vec::new();
         };
         let mut pids = vec![postmaster];

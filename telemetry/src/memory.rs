@@ -28,6 +28,8 @@ pub fn spawn_trimmer() {
 /// Hands free heap pages back to the kernel now.
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // No safe wrapper exists for malloc_trim.
+    #[allow(unsafe_code)]
     // SAFETY: malloc_trim takes no pointers and only walks the allocator's
     // own free lists under its locks; it is safe to call from any thread.
     unsafe {
