@@ -96,9 +96,10 @@ class Shop:
         return self._retrying(self.gateway.call, method, request, **kw)
 
     def _retrying(self, fn, *args, **kw):
-        """A caller's retry of UNAVAILABLE (every call here is idempotent: reads, or CreateOrder
-        with its key): after pods change, a proxy sees new endpoints at its next re-resolution
-        (MINIMESH_DNS_REFRESH, 5 s). Anything else, or UNAVAILABLE for 20 s, fails."""
+        """A caller's retry of UNAVAILABLE: after pods change, a proxy sees new endpoints at its
+        next re-resolution (MINIMESH_DNS_REFRESH, 5 s). Reads and CreateOrder with its key are
+        idempotent; a CreateUser that did land would come back ALREADY_EXISTS and fail the test.
+        Anything else, or UNAVAILABLE for 20 s, fails."""
         end = time.monotonic() + 20
         while True:
             try:
