@@ -124,11 +124,16 @@ class Shop:
         return [e["status"] for e in events]
 
     def order_delivered(self, user, key):
+        """An order, watched to DELIVERED; returns it as settled. (CreateOrder may answer PENDING
+        when the payment's outcome is not known in time: the order settles later.)"""
         order = self.create_order(user, key)
+        assert order["status"] in ("ORDER_STATUS_PENDING", "ORDER_STATUS_PAID"), order
         statuses = self.watch(order["id"])
         assert statuses[-1] == "ORDER_STATUS_DELIVERED", statuses
         assert "ORDER_STATUS_PAID" in statuses or order["status"] == "ORDER_STATUS_PAID", statuses
-        return order
+        settled = self.call("shop.order.v1.OrderService/GetOrder", {"id": order["id"]})
+        assert settled["status"] == "ORDER_STATUS_DELIVERED" and settled["paymentId"], settled
+        return settled
 
     def requests(self, pod):
         """Calls a proxy counted: a sidecar's inbound ones, the gateway's (outbound into the mesh)."""
