@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 import test_chart as chart
+from podrunner.kubeapi import TokenReviewApi
 
 BINARY = os.environ.get("MINIMESH_BIN", str(chart.ROOT / "target" / "debug" / "minimesh"))
 ISSUER_RENDERINGS = [(n, v) for n, v in chart.MATRIX if not v.get("certManager", {}).get("enabled")]
@@ -54,71 +55,6 @@ def wait_for(what, check, deadline_s=DEADLINE_S):
             last = e
         time.sleep(0.1)
     pytest.fail(f"{what() if callable(what) else what} within {deadline_s}s (last error: {last})")
-
-
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-class TokenReviewApi:
-    """HTTPS stand-in for POST /apis/authentication.k8s.io/v1/tokenreviews. A projected token here
-    is "token:<namespace>:<serviceaccount>:<audience>" (what the stand-in kubelet writes); the
-    answer names that ServiceAccount when the review asks for the token's own audience."""
-
-    def __init__(self, workdir):
-        self.dir = workdir
-        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=api-ca", "-days", "1", cwd=workdir)
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", "api.key", "-out", "api.csr", "-subj", "/CN=kubernetes", cwd=workdir)
-        (workdir / "ext").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-        openssl("x509", "-req", "-in", "api.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", "api.pem", "-days", "1", "-extfile", "ext", cwd=workdir)
-        self.ca_file = workdir / "ca.pem"
-        self.own_token = "issuer-own-token"
-        self.reviews = []
-        api = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                ok_path = self.path == "/apis/authentication.k8s.io/v1/tokenreviews"
-                authorised = self.headers.get("Authorization") == f"Bearer {api.own_token}"
-                spec = body.get("spec", {})
-                api.reviews.append({"path_ok": ok_path, "authorised": authorised, "spec": spec})
-                parts = spec.get("token", "").split(":")
-                if not (ok_path and authorised):
-                    return self.answer(401, {"kind": "Status", "code": 401})
-                if len(parts) == 4 and parts[0] == "token" and spec.get("audiences") == [parts[3]]:
-                    status = {"authenticated": True, "audiences": [parts[3]],
-                              "user": {"username": f"system:serviceaccount:{parts[1]}:{parts[2]}"}}
-                else:
-                    status = {"authenticated": False, "error": "invalid bearer token"}
-                self.answer(201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status})
-
-            def answer(self, code, doc):
-                data = json.dumps(doc).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(workdir / "api.pem", workdir / "api.key")
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class Kubelet:
