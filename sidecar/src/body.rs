@@ -1,11 +1,9 @@
 //! Bodies the proxy passes along, and the gRPC answers it makes itself.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response};
-use http_body::{Body, Frame};
+use http::{HeaderValue, Response};
+use http_body::Body;
 use http_body_util::BodyExt;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -75,91 +73,11 @@ pub fn grpc_error(code: Code, message: &str, proxy_error: bool) -> Response<Prox
     response
 }
 
-/// The gRPC status in a header map (trailers, or a trailers-only response).
-pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
-}
-
-pin_project_lite::pin_project! {
-    /// Passes a response body through and reports its final gRPC status once:
-    /// from the trailers, or "cancelled"/"unavailable" when the body is
-    /// dropped or fails first.
-    pub struct Observed<B, F: FnOnce(u32)> {
-        #[pin]
-        inner: B,
-        on_end: Option<F>,
-    }
-
-    impl<B, F: FnOnce(u32)> PinnedDrop for Observed<B, F> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if let Some(on_end) = this.on_end.take() {
-                on_end(1); // CANCELLED: the stream ended without a status
-            }
-        }
-    }
-}
-
-impl<B, F: FnOnce(u32)> Observed<B, F> {
-    /// `status` is the status already known from the headers (trailers-only).
-    pub fn new(inner: B, status: Option<u32>, on_end: F) -> Self {
-        let mut on_end = Some(on_end);
-        if let Some(code) = status
-            && let Some(f) = on_end.take()
-        {
-            f(code);
-        }
-        Self { inner, on_end }
-    }
-}
-
-impl<B: Body, F: FnOnce(u32)> Body for Observed<B, F> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status)
-                    && let Some(f) = this.on_end.take()
-                {
-                    f(code);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(f) = this.on_end.take() {
-                    f(14);
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(f) = this.on_end.take() {
-                    // Ended cleanly without trailers: not valid gRPC, count as UNKNOWN.
-                    f(2);
-                }
-            }
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+pub use minimesh_telemetry::status::grpc_status;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
     #[test]
     fn trailers_only_error_carries_status_message_and_marker() {
@@ -185,35 +103,6 @@ mod tests {
             refused
                 .headers()
                 .contains_key(minimesh_traffic::retry::PROXY_ERROR_HEADER)
-        );
-    }
-
-    #[tokio::test]
-    async fn observed_body_reports_the_trailer_status_once() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", HeaderValue::from_static("5"));
-        let frames = vec![
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"x"))),
-            Ok(Frame::trailers(trailers)),
-        ];
-        let inner = http_body_util::StreamBody::new(futures::stream::iter(frames));
-        let log = seen.clone();
-        let body = Observed::new(inner, None, move |code| log.lock().unwrap().push(code));
-        let collected = body.collect().await.unwrap();
-        assert_eq!(collected.trailers().and_then(grpc_status), Some(5));
-        assert_eq!(*seen.lock().unwrap(), [5]);
-
-        let log = seen.clone();
-        drop(Observed::new(
-            http_body_util::Empty::<Bytes>::new(),
-            None,
-            move |code| log.lock().unwrap().push(code),
-        ));
-        assert_eq!(
-            *seen.lock().unwrap(),
-            [5, 1],
-            "dropped early counts as CANCELLED"
         );
     }
 }

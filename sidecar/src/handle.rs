@@ -9,7 +9,7 @@
 //! passing its own on) and is counted in the metrics when its response ends.
 
 use crate::authz::{AllowList, denial};
-use crate::body::{Code, Observed, ProxyBody, boxed, grpc_error, grpc_status};
+use crate::body::{Code, ProxyBody, boxed, grpc_error};
 use crate::client::Connection;
 use crate::listener::CallGuard;
 use crate::metrics::{CallName, INBOUND, Metrics, OUTBOUND};
@@ -18,6 +18,7 @@ use crate::upstream::{CallReport, Upstream};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use minimesh_certs::SpiffeId;
+use minimesh_telemetry::status::{StatusBody, grpc_message, grpc_status, on_end};
 use minimesh_telemetry::trace::{continue_trace, inject_trace, record_ids, record_status};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -59,24 +60,24 @@ fn finish(
     started: Instant,
     call: CallGuard,
 ) -> Response<ProxyBody> {
-    let known = grpc_status(response.headers());
-    if let Some(code) = known {
-        let message = response
-            .headers()
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .map(str::to_owned);
+    let (parts, body) = response.into_parts();
+    if let Some(code) = grpc_status(&parts.headers) {
+        let message = grpc_message(&parts.headers);
         record_status(&span, code as i32, message.as_deref());
     }
-    response.map(move |body| {
-        boxed(Observed::new(body, known, move |code| {
+    let body = StatusBody::new(
+        body,
+        &parts.headers,
+        on_end(move |end| {
+            let code = end.code();
             record_status(&span, code as i32, None);
             let (name, client_id) = &labels;
             metrics.request_done(direction, name, client_id, code, started.elapsed());
             drop(span);
             drop(call);
-        }))
-    })
+        }),
+    );
+    Response::from_parts(parts, boxed(body))
 }
 
 pub(crate) struct InboundState {
