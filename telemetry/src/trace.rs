@@ -150,6 +150,7 @@ pub struct GrpcFrames {
     header_len: usize,
     remaining: u64,
     messages: u64,
+    largest: u64,
 }
 
 impl GrpcFrames {
@@ -173,6 +174,7 @@ impl GrpcFrames {
                     self.header[3],
                     self.header[4],
                 ]));
+                self.largest = self.largest.max(self.remaining);
                 self.header_len = 0;
             }
         }
@@ -188,6 +190,11 @@ impl GrpcFrames {
 
     pub fn messages(&self) -> u64 {
         self.messages
+    }
+
+    /// The largest message length a prefix has announced so far.
+    pub fn largest(&self) -> u64 {
+        self.largest
     }
 }
 
@@ -342,6 +349,7 @@ mod tests {
                 frames.feed(chunk);
             }
             assert_eq!(frames.messages(), 3, "split {split}");
+            assert_eq!(frames.largest(), 300, "split {split}");
         }
     }
 }
