@@ -2,6 +2,7 @@
 //! and the upstreams it names.
 
 use crate::args::IdentityArgs;
+use crate::authz::AllowList;
 use crate::client::Transport;
 use crate::config::{ConfigError, FileConfig, TrafficArgs};
 use crate::metrics::{Metrics, OUTBOUND};
@@ -19,6 +20,28 @@ pub(crate) fn loaded_file(path: &Option<PathBuf>) -> Result<FileConfig, ConfigEr
         Some(path) => FileConfig::load(path),
         None => Ok(FileConfig::default()),
     }
+}
+
+/// The local service: the flag, else the file's.
+pub(crate) fn service(flag: &Option<String>, file: &FileConfig) -> Result<String, ConfigError> {
+    flag.clone()
+        .or(file.service.clone())
+        .ok_or(ConfigError::Missing("--service"))
+}
+
+/// The callers let in: the flags' list, else the file's.
+pub(crate) fn allow_list(
+    flags: &[String],
+    file: &FileConfig,
+    trust_domain: &str,
+    namespace: &str,
+) -> Result<AllowList, ConfigError> {
+    let entries = if flags.is_empty() {
+        &file.allow[..]
+    } else {
+        flags
+    };
+    AllowList::new(entries, trust_domain, namespace).map_err(ConfigError::Allow)
 }
 
 pub(crate) fn naming(identity: &IdentityArgs, file: &FileConfig) -> (String, String) {

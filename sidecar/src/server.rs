@@ -4,14 +4,13 @@
 //! listener (h2c). See [`crate::handle`] for what each does with a call.
 
 use crate::admin::{self, ReadyCheck};
-use crate::authz::AllowList;
 use crate::client::{Connection, Transport};
 use crate::config::ConfigError;
-use crate::dump::print_resolved;
+use crate::dump;
 use crate::handle::{InboundState, OutboundState, SpanKind, handle_inbound, handle_outbound};
 use crate::listener::{self, Handshake};
 use crate::metrics::Metrics;
-use crate::resolve::{loaded_file, naming, upstream_names, upstreams};
+use crate::resolve::{allow_list, loaded_file, naming, service, upstream_names, upstreams};
 use crate::tls::TlsError;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -66,30 +65,11 @@ pub async fn run_sidecar(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SidecarError> {
     let file = loaded_file(&args.config)?;
-    let service = args
-        .service
-        .clone()
-        .or(file.service.clone())
-        .ok_or(ConfigError::Missing("--service"))?;
-    let (trust_domain, namespace) = naming(&args.identity, &file);
     if args.check_config {
-        let allow = if args.allow.is_empty() {
-            file.allow.clone()
-        } else {
-            args.allow.clone()
-        };
-        let allow =
-            AllowList::new(&allow, &trust_domain, &namespace).map_err(ConfigError::Allow)?;
-        print_resolved(
-            Some(&service),
-            &trust_domain,
-            &namespace,
-            Some(&allow),
-            &args.traffic,
-            &file,
-        )?;
-        return Ok(());
+        return dump::print(&dump::sidecar(&args, &file)?);
     }
+    let service = service(&args.service, &file)?;
+    let (trust_domain, namespace) = naming(&args.identity, &file);
     let metrics = Metrics::new("sidecar", &service, &upstream_names(&args.traffic, &file)?);
     let tls = crate::identity::credentials(
         &args.identity,
@@ -100,13 +80,7 @@ pub async fn run_sidecar(
     )
     .await?;
     tracing::info!(identity = %tls.current().identity(), %service, "sidecar identity loaded");
-    let allow_entries = if args.allow.is_empty() {
-        file.allow.clone()
-    } else {
-        args.allow.clone()
-    };
-    let allow =
-        AllowList::new(&allow_entries, &trust_domain, &namespace).map_err(ConfigError::Allow)?;
+    let allow = allow_list(&args.allow, &file, &trust_domain, &namespace)?;
     let (upstreams, policy) = upstreams(
         &args.traffic,
         &file,
@@ -191,11 +165,10 @@ pub async fn run_gateway(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SidecarError> {
     let file = loaded_file(&args.config)?;
-    let (trust_domain, namespace) = naming(&args.identity, &file);
     if args.check_config {
-        print_resolved(None, &trust_domain, &namespace, None, &args.traffic, &file)?;
-        return Ok(());
+        return dump::print(&dump::gateway(&args, &file)?);
     }
+    let (trust_domain, namespace) = naming(&args.identity, &file);
     let metrics = Metrics::new("gateway", "gateway", &upstream_names(&args.traffic, &file)?);
     let tls = crate::identity::credentials(
         &args.identity,
