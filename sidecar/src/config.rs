@@ -3,7 +3,7 @@
 
 use crate::upstream::TrafficPolicy;
 use minimesh_traffic::discover::Target;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,8 +34,9 @@ pub enum ConfigError {
     RouteTarget { prefix: String, upstream: String },
 }
 
-/// The file format (every key optional).
-#[derive(Debug, Default, Deserialize)]
+/// The file format (every key optional). `--check-config` prints the
+/// resolved configuration in this format, so its output loads back.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileConfig {
     pub service: Option<String>,
@@ -56,24 +57,25 @@ pub struct FileConfig {
     pub ejection: FileEjection,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileUpstream {
     /// A DNS name (HOST:PORT) re-resolved on an interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<String>,
     /// Fixed HOST:PORT endpoints.
     #[serde(default)]
     pub endpoints: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileTimeouts {
     pub per_try_ms: Option<u64>,
     pub connect_ms: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileRetries {
     pub budget_percent: Option<f32>,
@@ -81,7 +83,7 @@ pub struct FileRetries {
     pub max_attempts: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileEjection {
     pub consecutive_failures: Option<u32>,

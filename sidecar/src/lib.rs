@@ -10,17 +10,25 @@
 //! - [`body`]: streaming bodies and the proxy's own gRPC answers;
 //! - [`replay`]: a request body kept (up to a cap) so a call can be sent again;
 //! - [`metrics`], [`admin`]: Prometheus series and `/live`, `/ready`, `/metrics`;
-//! - [`server`]: the listeners that compose all of the above.
+//! - [`listener`]: the one accept loop, its limits, and HTTP/2 serving;
+//! - [`handle`]: what the inbound, outbound and gateway listeners do with a call;
+//! - [`args`], [`config`], [`resolve`], [`dump`]: flags and file, resolved
+//!   and printed back (`--check-config`);
+//! - [`server`]: start-up, composing all of the above.
 
 pub mod admin;
+pub mod args;
 pub mod authz;
 pub mod body;
 pub mod client;
 pub mod config;
+mod dump;
+mod handle;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod replay;
+mod resolve;
 pub mod route;
 pub mod server;
 pub mod strict;

@@ -3,7 +3,15 @@
 //! a connection's first call (silent TCP, TLS without a preface, a preface
 //! and nothing else), an idle timeout once calls stop, and accept errors
 //! (e.g. out of file descriptors) backed off and logged at a bounded rate.
+//! [`serve`] runs it for the mesh mTLS listener and the plain ones alike.
 
+use crate::body::ProxyBody;
+use crate::metrics::{INBOUND, Metrics};
+use crate::tls::{Reloader, peer_identity};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use minimesh_certs::SpiffeId;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,6 +21,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+/// Longest a mesh TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long calls still running may take once the proxy is told to stop.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How long a connection told to close may take to say goodbye.
@@ -146,10 +156,94 @@ impl Throttled {
     }
 }
 
+/// How a listener's connections begin.
+pub enum Handshake {
+    /// h2c: the outbound listener and the gateway's edge.
+    Plain,
+    /// Mesh mTLS: the caller is named by its certificate (inbound).
+    Mesh(Arc<Reloader>),
+}
+
+/// Serves gRPC calls on `listener` until `stop` turns true: every connection
+/// from the accept loop, after its handshake, is one HTTP/2 connection whose
+/// calls go to `handle` with the caller's mesh identity (None when plain).
+pub async fn serve<H, Fut>(
+    what: &'static str,
+    listener: TcpListener,
+    limits: Limits,
+    handshake: Handshake,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+    handle: H,
+) where
+    H: Fn(Option<SpiffeId>, Request<Incoming>, CallGuard) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    accept_loop(what, listener, limits, stop, move |tcp, connection| {
+        let (handle, metrics) = (handle.clone(), metrics.clone());
+        let acceptor = match &handshake {
+            Handshake::Plain => None,
+            Handshake::Mesh(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.current().server())),
+        };
+        async move {
+            let Some(acceptor) = acceptor else {
+                let _guard = metrics.connection(INBOUND);
+                return serve_calls(TokioIo::new(tcp), None, handle, connection).await;
+            };
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    metrics.tls_failure(INBOUND);
+                    tracing::info!(%err, "inbound TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    metrics.tls_failure(INBOUND);
+                    tracing::info!("inbound TLS handshake timed out");
+                    return;
+                }
+            };
+            let _guard = metrics.connection(INBOUND);
+            let caller = peer_identity(stream.get_ref().1);
+            serve_calls(TokioIo::new(stream), caller, handle, connection).await;
+        }
+    })
+    .await;
+}
+
+/// One HTTP/2 connection's calls, each handed to `handle`.
+async fn serve_calls<I, H, Fut>(io: I, caller: Option<SpiffeId>, handle: H, connection: Connection)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Option<SpiffeId>, Request<Incoming>, CallGuard) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let activity = connection.activity.clone();
+    let service = hyper::service::service_fn(move |request| {
+        // Boxed: hyper moves each stream's future into a task of its
+        // own, and a large future costs a memcpy at every move.
+        let call = Box::pin(handle(caller.clone(), request, activity.call()));
+        async move { Ok::<_, std::convert::Infallible>(call.await) }
+    });
+    serve_h2(&h2_server(), io, service, connection).await;
+}
+
+fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(crate::window::STREAM)
+        .initial_connection_window_size(crate::window::CONNECTION)
+        .max_concurrent_streams(crate::window::MAX_STREAMS);
+    builder
+}
+
 /// Accepts on `listener` until `stop` turns true, runs `serve` for each
 /// connection on its own task, then waits (at most [`DRAIN_GRACE`]) for
 /// those tasks to finish.
-pub async fn accept_loop<F, Fut>(
+async fn accept_loop<F, Fut>(
     what: &'static str,
     listener: TcpListener,
     limits: Limits,
@@ -224,8 +318,8 @@ pub async fn accept_loop<F, Fut>(
 
 /// Serves one HTTP/2 connection until it ends, closing it gracefully when
 /// the proxy stops or the connection has been idle past its limit.
-pub async fn serve_h2<I, S, B>(
-    builder: &hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+async fn serve_h2<I, S, B>(
+    builder: &hyper::server::conn::http2::Builder<TokioExecutor>,
     io: I,
     service: S,
     mut connection: Connection,

@@ -1,6 +1,7 @@
 //! Supervised children: start with their listeners handed down, probe,
 //! stop, and explain a child that died.
 
+use super::probe::Probe;
 use anyhow::Context;
 use command_fds::{CommandFdExt, FdMapping};
 use std::net::SocketAddr;
@@ -10,9 +11,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
 use tokio::sync::mpsc;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Set in every child's environment: the child then dies with its supervisor.
 pub const SUPERVISED_ENV: &str = "MINIMESH_SUPERVISED";
@@ -22,17 +20,6 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// (child index, generation, exit status)
 pub type Exit = (usize, u64, String);
-
-/// How `up` tells that a child is ready.
-#[derive(Debug, Clone, Copy)]
-pub enum Probe {
-    /// gRPC health SERVING at this address (services).
-    Grpc(SocketAddr),
-    /// HTTP 200 from `/ready` at this admin address (sidecars, gateway).
-    Ready(SocketAddr),
-    /// HTTP 200 from `/live` (the identity issuer, live once it listens).
-    Live(SocketAddr),
-}
 
 /// One supervised process: how to start it and where it is now.
 pub struct Child {
@@ -233,50 +220,6 @@ pub fn spawn(
         let _ = exits.send((index, generation, status));
     });
     Ok(())
-}
-
-/// Whether the child answers its readiness probe now.
-pub async fn ready(probe: Probe) -> bool {
-    match probe {
-        Probe::Grpc(addr) => serving(&format!("http://{addr}")).await,
-        Probe::Ready(addr) => http_ok(addr, "/ready").await,
-        Probe::Live(addr) => http_ok(addr, "/live").await,
-    }
-}
-
-/// GET `path` on an admin listener answers 200.
-async fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .ok()?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.ok()?;
-        Some(head.starts_with(b"HTTP/1.1 200"))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), attempt).await,
-        Ok(Some(true))
-    )
-}
-
-pub async fn serving(url: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
-        return false;
-    };
-    let Ok(channel) = endpoint.timeout(Duration::from_secs(1)).connect().await else {
-        return false;
-    };
-    matches!(
-        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await,
-        Ok(response) if response.get_ref().status == ServingStatus::Serving as i32
-    )
 }
 
 /// SIGTERM to every running child, then SIGKILL to whatever is left after

@@ -1,11 +1,11 @@
-//! One `up` per data dir, and a `mesh.json` that is never stale.
+//! One `up` per data dir.
 
 use anyhow::{Context, bail};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Held for as long as this `up` runs; the kernel releases it when the
 /// process ends, however it ends, so a crashed `up` leaves no stale lock.
@@ -54,75 +54,6 @@ impl DataDirLock {
     }
 }
 
-/// Writes `mesh.json` atomically; remembers a failed write so the
-/// supervisor can try again until the disk takes it.
-pub struct MeshFile {
-    path: PathBuf,
-    pending: Option<Vec<u8>>,
-}
-
-impl MeshFile {
-    pub fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            pending: None,
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Replaces the file with `contents`; on failure keeps them for [`Self::retry`].
-    pub fn write(&mut self, contents: Vec<u8>) -> anyhow::Result<()> {
-        self.pending = Some(contents);
-        self.retry()
-    }
-
-    /// Whether a write is still owed.
-    pub fn is_pending(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// Tries the owed write again.
-    pub fn retry(&mut self) -> anyhow::Result<()> {
-        let Some(contents) = &self.pending else {
-            return Ok(());
-        };
-        write_atomically(&self.path, contents)?;
-        self.pending = None;
-        Ok(())
-    }
-
-    /// The mesh has stopped: no file may name its dead pids.
-    pub fn remove(&mut self) {
-        self.pending = None;
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(tmp_path(&self.path));
-    }
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    path.with_extension("json.tmp")
-}
-
-/// Replaces `path` with `contents` so readers never see a partial file; a
-/// failed attempt leaves no temporary file behind.
-fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    let tmp = tmp_path(path);
-    let result = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(err) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err).with_context(|| format!("replacing {}", path.display()));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,16 +69,5 @@ mod tests {
         );
         drop(first);
         DataDirLock::acquire(dir.path()).expect("free again once released");
-    }
-
-    #[test]
-    fn mesh_file_is_removed_with_its_temporary() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut file = MeshFile::new(dir.path().join("mesh.json"));
-        file.write(b"{}".to_vec()).unwrap();
-        assert!(!file.is_pending());
-        assert_eq!(std::fs::read(dir.path().join("mesh.json")).unwrap(), b"{}");
-        file.remove();
-        assert!(!dir.path().join("mesh.json").exists());
     }
 }

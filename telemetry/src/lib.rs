@@ -9,5 +9,6 @@ pub mod listen;
 pub mod logging;
 pub mod memory;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod trace;

@@ -5,8 +5,10 @@
 //! kind SERVER or CLIENT, `rpc.system=grpc`, `rpc.service`, `rpc.method`,
 //! `rpc.grpc.status_code`, and error status on a non-OK code. A span lasts
 //! until the response body ends, so a stream is one span, and the status is
-//! read from the trailers (or the headers of a trailers-only response).
+//! read from the trailers (or the headers of a trailers-only response) by
+//! the one status-watching body, [`crate::status::StatusBody`].
 
+use crate::status::{End, StatusBody, Watch, grpc_message};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use opentelemetry::propagation::{Extractor, Injector};
@@ -129,13 +131,6 @@ pub fn rpc_span(kind: Kind, path: &str) -> Span {
     }
 }
 
-fn record_messages(span: &Span, requests: &Mutex<GrpcFrames>, responses: &GrpcFrames) {
-    if let Ok(requests) = requests.lock() {
-        span.record("rpc.request.messages", requests.messages());
-    }
-    span.record("rpc.response.messages", responses.messages());
-}
-
 /// Records the final gRPC status on `span`.
 pub fn record_status(span: &Span, code: i32, message: Option<&str>) {
     span.record("rpc.grpc.status_code", code);
@@ -147,35 +142,6 @@ pub fn record_status(span: &Span, code: i32, message: Option<&str>) {
     }
 }
 
-fn status_in(headers: &HeaderMap) -> Option<(i32, Option<String>)> {
-    let code = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-    let message = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .map(percent_decode);
-    Some((code, message))
-}
-
-/// grpc-message is percent-encoded on the wire.
-fn percent_decode(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(byte) = u8::from_str_radix(&raw[i + 1..i + 3], 16)
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Counts gRPC messages in a body by reading the 5-byte length prefixes,
 /// whatever way the bytes are split into frames.
 #[derive(Debug, Default, Clone)]
@@ -184,6 +150,7 @@ pub struct GrpcFrames {
     header_len: usize,
     remaining: u64,
     messages: u64,
+    largest: u64,
 }
 
 impl GrpcFrames {
@@ -207,6 +174,7 @@ impl GrpcFrames {
                     self.header[3],
                     self.header[4],
                 ]));
+                self.largest = self.largest.max(self.remaining);
                 self.header_len = 0;
             }
         }
@@ -222,6 +190,11 @@ impl GrpcFrames {
 
     pub fn messages(&self) -> u64 {
         self.messages
+    }
+
+    /// The largest message length a prefix has announced so far.
+    pub fn largest(&self) -> u64 {
+        self.largest
     }
 }
 
@@ -295,96 +268,57 @@ where
         let future = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
             let response = future.await?;
-            // A trailers-only response (an error before any message) carries the status in its headers.
-            let finished = status_in(response.headers());
-            if let Some((code, message)) = &finished {
-                record_status(&span, *code, message.as_deref());
-            }
-            Ok(response.map(|body| TracedBody {
-                inner: body,
-                span: Some(span),
-                finished: finished.is_some(),
+            let (parts, body) = response.into_parts();
+            let watch = SpanWatch {
+                span,
                 requests,
                 responses: GrpcFrames::default(),
-            }))
+            };
+            // A trailers-only response (an error before any message) carries the status in its headers.
+            let body = StatusBody::new(body, &parts.headers, watch);
+            Ok(Response::from_parts(parts, body))
         })
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps its call's span open until the body ends
-    /// and records the gRPC status from the trailers.
-    pub struct TracedBody<B> {
-        #[pin]
-        inner: B,
-        span: Option<Span>,
-        finished: bool,
-        requests: Arc<Mutex<GrpcFrames>>,
-        responses: GrpcFrames,
+/// A response body that keeps its call's span open until the body ends
+/// and records the gRPC status on it.
+pub type TracedBody<B> = StatusBody<B, SpanWatch>;
+
+/// A call's span, with the messages counted each way.
+pub struct SpanWatch {
+    span: Span,
+    requests: Arc<Mutex<GrpcFrames>>,
+    responses: GrpcFrames,
+}
+
+impl Watch for SpanWatch {
+    fn data<D: bytes::Buf>(&mut self, data: &D) {
+        self.responses.feed_buf(data);
     }
 
-    impl<B> PinnedDrop for TracedBody<B> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if !*this.finished
-                && let Some(span) = this.span.as_ref()
-            {
-                // Dropped before a status arrived: the caller cancelled.
-                record_status(span, 1, Some("cancelled"));
+    fn end(&mut self, end: End<'_>) {
+        match end {
+            End::Status { code, headers } => {
+                record_status(&self.span, code as i32, grpc_message(headers).as_deref())
             }
-            if let Some(span) = this.span.as_ref() {
-                record_messages(span, this.requests, this.responses);
-            }
+            // The stream broke before a status: UNAVAILABLE, as a client would see it.
+            End::Failed => record_status(&self.span, 14, Some("response stream failed")),
+            End::Dropped => record_status(&self.span, 1, Some("cancelled")),
+            End::NoStatus => {}
         }
     }
 }
 
-impl<B: Body> Body for TracedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.responses.feed_buf(data);
-                }
-                if let Some(trailers) = frame.trailers_ref()
-                    && let (Some(span), Some((code, message))) =
-                        (this.span.as_ref(), status_in(trailers))
-                {
-                    record_status(span, code, message.as_deref());
-                    *this.finished = true;
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(span) = this.span.as_ref() {
-                    // The stream broke before a status: UNAVAILABLE, as a client would see it.
-                    record_status(span, 14, Some("response stream failed"));
-                }
-                *this.finished = true;
-            }
-            Poll::Ready(None) => {
-                if let Some(span) = this.span.take() {
-                    record_messages(&span, this.requests, this.responses);
-                }
-            }
-            Poll::Pending => {}
+impl Drop for SpanWatch {
+    /// The body ended or was dropped: the span closes with the message counts.
+    fn drop(&mut self) {
+        if let Ok(requests) = self.requests.lock() {
+            self.span
+                .record("rpc.request.messages", requests.messages());
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        self.span
+            .record("rpc.response.messages", self.responses.messages());
     }
 }
 
@@ -415,30 +349,7 @@ mod tests {
                 frames.feed(chunk);
             }
             assert_eq!(frames.messages(), 3, "split {split}");
+            assert_eq!(frames.largest(), 300, "split {split}");
         }
-    }
-
-    #[test]
-    fn grpc_message_is_percent_decoded() {
-        assert_eq!(
-            percent_decode("user%20usr_1%20not%20found"),
-            "user usr_1 not found"
-        );
-        assert_eq!(percent_decode("100%"), "100%");
-    }
-
-    #[test]
-    fn status_comes_from_headers() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(status_in(&headers), None);
-        headers.insert("grpc-status", http::HeaderValue::from_static("5"));
-        headers.insert(
-            "grpc-message",
-            http::HeaderValue::from_static("order%20x%20not%20found"),
-        );
-        assert_eq!(
-            status_in(&headers),
-            Some((5, Some("order x not found".to_owned())))
-        );
     }
 }

@@ -71,9 +71,7 @@ where
         drain_on(reporter, S::NAME).await;
     };
     Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            oversized_is_resource_exhausted,
-        ))
+        .layer(crate::limit::MessageLimitLayer::new(MAX_MESSAGE_BYTES))
         .layer(crate::trace::RpcTraceLayer::server())
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -130,25 +128,6 @@ async fn drain_on(reporter: HealthReporter, name: &'static str) {
     reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
-}
-
-/// tonic reports a request over the size limit as OUT_OF_RANGE; the gRPC
-/// status code guide says RESOURCE_EXHAUSTED, which is what clients retry
-/// logic and users expect. The refusal is a trailers-only response, so the
-/// status sits in the headers.
-fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
-    let headers = response.headers_mut();
-    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
-    let too_large = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|m| {
-            m.contains("message%20length%20too%20large") || m.contains("message length too large")
-        });
-    if out_of_range && too_large {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-    }
-    response
 }
 
 /// The status a caller gets for a store error: UNAVAILABLE saying the store

@@ -6,6 +6,7 @@ pub use minimesh_telemetry::{exposition, listen, logging, memory, shutdown, tele
 pub mod db;
 pub mod grpc;
 pub mod health;
+pub mod limit;
 pub mod metrics;
 pub mod page;
 pub mod pg;
