@@ -92,9 +92,15 @@ pub struct SidecarArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
-    /// Edge listener (h2c) for callers outside the mesh.
+    /// Edge listener for callers outside the mesh: h2c, or TLS with --tls-cert.
     #[arg(long, env = "MINIMESH_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: String,
+    /// Serve the edge over TLS with this PEM certificate chain (re-read when it changes).
+    #[arg(long, env = "MINIMESH_EDGE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The edge certificate's PEM private key.
+    #[arg(long, env = "MINIMESH_EDGE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Admin listener: /live, /ready, /metrics.
     #[arg(long, env = "MINIMESH_ADMIN", default_value = "0.0.0.0:4191")]
     pub admin: String,

@@ -23,6 +23,7 @@ pub mod body;
 pub mod client;
 pub mod config;
 mod dump;
+pub mod edge;
 mod handle;
 pub mod identity;
 pub mod listener;

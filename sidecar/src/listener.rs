@@ -162,6 +162,8 @@ pub enum Handshake {
     Plain,
     /// Mesh mTLS: the caller is named by its certificate (inbound).
     Mesh(Arc<Reloader>),
+    /// TLS at the gateway's edge: a server certificate, no client one.
+    Edge(Arc<crate::edge::EdgeTls>),
 }
 
 /// Serves gRPC calls on `listener` until `stop` turns true: every connection
@@ -184,6 +186,7 @@ pub async fn serve<H, Fut>(
         let acceptor = match &handshake {
             Handshake::Plain => None,
             Handshake::Mesh(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.current().server())),
+            Handshake::Edge(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.config())),
         };
         async move {
             let Some(acceptor) = acceptor else {

@@ -28,6 +28,8 @@ pub enum SidecarError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
+    EdgeTls(#[from] crate::edge::EdgeTlsError),
+    #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
     #[error("binding {what} listener to {addr}: {source}")]
     Bind {
@@ -227,11 +229,17 @@ pub async fn run_gateway(
     };
     let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let edge = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Handshake::Edge(Arc::new(crate::edge::EdgeTls::load(cert, key)?))
+        }
+        _ => Handshake::Plain,
+    };
     let task = tokio::spawn(listener::serve(
         "gateway",
         listener,
         args.limits,
-        Handshake::Plain,
+        edge,
         metrics,
         stop_rx,
         move |_, request, call| handle_outbound(state.clone(), request, call),

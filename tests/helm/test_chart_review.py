@@ -542,3 +542,24 @@ def test_schema_caps_jaeger_max_traces():
     install({"jaeger": {"maxTraces": 5000}})
     render_error({"jaeger": {"maxTraces": 0}})
     render_error({"jaeger": {"maxTraces": "lots"}})
+
+
+def test_the_gateway_can_serve_tls_itself_from_the_edge_secret():
+    """gateway.tls.atGateway: the gateway's own listener serves TLS with the edge Secret, which it
+    re-reads when renewed (sidecar/tests/edge.rs proves the binary side); the Service then no
+    longer claims h2c. Without a Secret to serve, the render fails saying what to set."""
+    objects = install({"gateway": {"tls": {"atGateway": True, "secretName": "edge-cert"}}})
+    spec = workloads(objects)["gateway"]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = env_of(container)
+    assert env["MINIMESH_EDGE_TLS_CERT"] == "/var/run/minimesh/edge-tls/tls.crt"
+    assert env["MINIMESH_EDGE_TLS_KEY"] == "/var/run/minimesh/edge-tls/tls.key"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["edge-tls"] == "/var/run/minimesh/edge-tls"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["edge-tls"]["secret"]["secretName"] == "edge-cert"
+    grpc = next(p for p in gateway_service(objects)["spec"]["ports"] if p["name"] == "grpc")
+    assert "appProtocol" not in grpc
+    default = workloads(install({}))["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert "MINIMESH_EDGE_TLS_CERT" not in env_of(default)
+    assert "atGateway needs the edge certificate" in render_error({"gateway": {"tls": {"atGateway": True}}})
