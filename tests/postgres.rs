@@ -544,14 +544,7 @@ async fn store_outage_under_load(outage: Outage) {
     let report = backend
         .settled_and_reconciled(dir.path(), Duration::from_secs(60))
         .await;
-    let twice = backend
-        .rows(
-            dir.path(),
-            "payment",
-            "SELECT order_id, count(*) FROM payments GROUP BY order_id HAVING count(*) > 1",
-            &[],
-        )
-        .await;
+    let twice = backend.orders_charged_twice(dir.path()).await;
     assert!(twice.is_empty(), "orders charged twice: {twice:?}");
     eprintln!("reconcile: {report}");
     assert!(mesh.terminate().await.success());

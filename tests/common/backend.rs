@@ -129,6 +129,17 @@ impl Backend {
         }
     }
 
+    /// Orders with more than one payment row: a double charge.
+    pub async fn orders_charged_twice(&self, data_dir: &Path) -> Vec<Vec<String>> {
+        self.rows(
+            data_dir,
+            "payment",
+            "SELECT order_id, count(*) FROM payments GROUP BY order_id HAVING count(*) > 1",
+            &[],
+        )
+        .await
+    }
+
     /// One `i64` per row (the first column).
     pub async fn column_i64(
         &self,

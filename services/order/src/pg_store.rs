@@ -125,9 +125,7 @@ impl PgOrderStore {
     }
 
     fn failed(&self, err: tokio_postgres::Error) -> StoreError {
-        let err = DbError::from(err);
-        self.pg.report(&err);
-        StoreError::Db(err)
+        StoreError::Db(self.pg.failed(err))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

@@ -284,9 +284,7 @@ impl PgPaymentStore {
     }
 
     fn failed(&self, err: tokio_postgres::Error) -> StoreError {
-        let err = DbError::from(err);
-        self.pg.report(&err);
-        StoreError::Db(err)
+        StoreError::Db(self.pg.failed(err))
     }
 
     async fn select(

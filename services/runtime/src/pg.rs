@@ -144,6 +144,13 @@ impl Pg {
         self.health.report(err);
     }
 
+    /// A failed statement as a [`DbError`], told to health on the way.
+    pub fn failed(&self, err: tokio_postgres::Error) -> DbError {
+        let err = DbError::from(err);
+        self.report(&err);
+        err
+    }
+
     /// Checks that the server answers and takes writes (a standby does not).
     pub async fn probe(&self) -> Result<(), DbError> {
         let client = self.client().await?;

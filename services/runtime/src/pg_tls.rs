@@ -59,15 +59,11 @@ impl Settings {
                 _ => kept.push(pair),
             }
         }
-        let wire_mode = match mode {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            _ => "require",
-        };
-        kept.push(match wire_mode {
-            "disable" => "sslmode=disable",
-            "prefer" => "sslmode=prefer",
-            _ => "sslmode=require",
+        // What tokio-postgres understands; verification is ours (connector).
+        kept.push(match mode {
+            SslMode::Disable => "sslmode=disable",
+            SslMode::Prefer => "sslmode=prefer",
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => "sslmode=require",
         });
         Ok(Self {
             url: format!("{base}?{}", kept.join("&")),

@@ -168,9 +168,7 @@ impl PgUserStore {
     }
 
     fn failed(&self, err: tokio_postgres::Error) -> StoreError {
-        let err = DbError::from(err);
-        self.pg.report(&err);
-        StoreError::Db(err)
+        StoreError::Db(self.pg.failed(err))
     }
 }
 
