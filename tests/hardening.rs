@@ -402,7 +402,7 @@ async fn stall(
     path: &str,
     message: Vec<u8>,
     streams: usize,
-) -> Vec<h2::client::ResponseFuture> {
+) -> Vec<http::Response<h2::RecvStream>> {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (client, connection) = h2::client::Builder::new()
         .initial_window_size(0)
@@ -429,7 +429,13 @@ async fn stall(
     }
     // Keep the connection (and its stalled streams) open for the caller.
     std::mem::forget(client);
-    pending
+    // Headers are not flow-controlled: once they are here the answers are
+    // under way and fill whatever windows they may.
+    let mut answered = Vec::new();
+    for response in pending {
+        answered.push(response.await.expect("stalled call answered"));
+    }
+    answered
 }
 
 #[tokio::test]
@@ -515,8 +521,6 @@ async fn stalled_reader() {
         8,
     )
     .await;
-    // Let the stalled streams fill whatever windows they can.
-    tokio::time::sleep(Duration::from_secs(1)).await;
 
     let channel = tonic::transport::Endpoint::from_shared(mesh.gateway_url())
         .unwrap()
@@ -543,4 +547,80 @@ async fn stalled_reader() {
             .await
             .unwrap_or_else(|s| panic!("round {round}: CreateOrder {s:?}"));
     }
+}
+
+fn gauge(text: &str, series: &str) -> Option<i64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn calls_past_the_app_stream_limit_get_resource_exhausted() {
+    use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
+    use minimesh_proto::order::v1::{GetOrderRequest, TrackRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh_with_env(dir.path(), &[], &[("MINIMESH_MAX_APP_STREAMS", "4")]).await;
+    let admin = mesh.instances("order")[0]["admin"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let in_flight = || async {
+        gauge(
+            &http_text(&admin, "/metrics").await?,
+            "minimesh_app_calls_in_flight",
+        )
+    };
+    let mut orders = OrderServiceClient::new(mesh.gateway_channel().await);
+    // Four TrackOrders streams the caller keeps open hold the order service's four slots.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let (requests, rx) = tokio::sync::mpsc::channel::<TrackRequest>(1);
+        let events = orders
+            .track_orders(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("a stream within the limit is served");
+        open.push((requests, events));
+    }
+    eventually(
+        Duration::from_secs(5),
+        "4 calls open to the order service",
+        || async { (in_flight().await? == 4).then_some(()) },
+    )
+    .await;
+
+    let lookup = GetOrderRequest {
+        id: "0190f5e2-7c4a-7000-8000-000000000000".into(),
+    };
+    let refused = orders.get_order(lookup.clone()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("--max-app-streams"),
+        "the refusal says which limit: {refused:?}"
+    );
+    assert_eq!(in_flight().await, Some(4), "a refused call takes no slot");
+
+    // A stream the caller ends gives its slot back.
+    drop(open.pop());
+    eventually(Duration::from_secs(5), "a slot given back", || async {
+        (in_flight().await? == 3).then_some(())
+    })
+    .await;
+    let served = orders.get_order(lookup).await.unwrap_err();
+    assert_eq!(
+        served.code(),
+        tonic::Code::NotFound,
+        "the order service answered: {served:?}"
+    );
+    drop(open);
+    eventually(Duration::from_secs(5), "every slot given back", || async {
+        (in_flight().await? == 0).then_some(())
+    })
+    .await;
 }

@@ -76,6 +76,13 @@ pub struct SidecarArgs {
     /// Caller identities allowed in: short names or SPIFFE URIs (comma-separated).
     #[arg(long = "allow", env = "MINIMESH_ALLOW", value_delimiter = ',')]
     pub allow: Vec<String>,
+    /// Calls open to the local service at once. Past it a call gets
+    /// RESOURCE_EXHAUSTED, marked as never sent so the caller's proxy may try
+    /// another replica: stalled or abandoned callers cannot pile up streams
+    /// (and their buffers) in the application.
+    #[arg(long, env = "MINIMESH_MAX_APP_STREAMS", default_value_t = DEFAULT_MAX_APP_STREAMS,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_app_streams: u32,
     /// YAML or JSON file with the same settings; flags win.
     #[arg(long, env = "MINIMESH_CONFIG")]
     pub config: Option<PathBuf>,
@@ -89,6 +96,10 @@ pub struct SidecarArgs {
     #[command(flatten)]
     pub limits: Limits,
 }
+
+/// The default of `--max-app-streams`: one connection's worth of streams
+/// (`window::MAX_STREAMS`).
+pub const DEFAULT_MAX_APP_STREAMS: u32 = crate::window::MAX_STREAMS;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {

@@ -20,8 +20,10 @@ use hyper::body::Incoming;
 use minimesh_certs::SpiffeId;
 use minimesh_telemetry::status::{StatusBody, grpc_message, grpc_status, on_end};
 use minimesh_telemetry::trace::{continue_trace, inject_trace, record_ids, record_status};
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{Instrument, Span, field::Empty};
 
@@ -50,7 +52,8 @@ fn proxy_span(kind: SpanKind, role: &'static str, path: &str) -> Span {
         trace_id = Empty, span_id = Empty)
 }
 
-/// Counts the call and closes its span when the response ends.
+/// Counts the call and closes its span when the response ends; `held`
+/// (the connection's call guard, an application slot) is released then too.
 fn finish(
     response: Response<ProxyBody>,
     span: Span,
@@ -58,7 +61,7 @@ fn finish(
     direction: &'static str,
     labels: (CallName, String),
     started: Instant,
-    call: CallGuard,
+    held: impl Send + 'static,
 ) -> Response<ProxyBody> {
     let (parts, body) = response.into_parts();
     if let Some(code) = grpc_status(&parts.headers) {
@@ -74,7 +77,7 @@ fn finish(
             let (name, client_id) = &labels;
             metrics.request_done(direction, name, client_id, code, started.elapsed());
             drop(span);
-            drop(call);
+            drop(held);
         }),
     );
     Response::from_parts(parts, boxed(body))
@@ -84,7 +87,48 @@ pub(crate) struct InboundState {
     pub(crate) service: String,
     pub(crate) allow: AllowList,
     pub(crate) app: Arc<Connection>,
+    pub(crate) app_slots: AppSlots,
     pub(crate) metrics: Arc<Metrics>,
+}
+
+/// The bound on calls open to the local service (`--max-app-streams`).
+pub(crate) struct AppSlots {
+    slots: Arc<Semaphore>,
+    limit: u32,
+    in_flight: Gauge,
+}
+
+/// One call's place toward the local service, given back when dropped.
+pub(crate) struct AppSlot {
+    _permit: OwnedSemaphorePermit,
+    in_flight: Gauge,
+}
+
+impl AppSlots {
+    pub(crate) fn new(limit: u32, in_flight: Gauge) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+            in_flight,
+        }
+    }
+
+    /// A slot now, or None when `limit` calls are open: refusing at once
+    /// lets the caller's proxy try another replica within the call's deadline.
+    fn try_take(&self) -> Option<AppSlot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.in_flight.inc();
+        Some(AppSlot {
+            _permit: permit,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+}
+
+impl Drop for AppSlot {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
 }
 
 pub(crate) async fn handle_inbound(
@@ -101,6 +145,7 @@ pub(crate) async fn handle_inbound(
     if let Some(caller) = &caller {
         span.record("minimesh.peer.identity", tracing::field::display(caller));
     }
+    let mut slot = None;
     // Refused calls are counted under one name: their paths are the caller's to choose.
     let admitted = caller.as_ref().is_some_and(|c| state.allow.allows(c));
     let labels = (
@@ -138,6 +183,18 @@ pub(crate) async fn handle_inbound(
                 false,
             );
         }
+        let Some(taken) = state.app_slots.try_take() else {
+            tracing::debug!(limit = state.app_slots.limit, "call refused: the local service is at its stream limit");
+            return grpc_error(
+                Code::ResourceExhausted,
+                &format!(
+                    "the {} service has {} calls open through this sidecar, its limit (--max-app-streams); try again later",
+                    state.service, state.app_slots.limit
+                ),
+                true,
+            );
+        };
+        slot = Some(taken);
         let mut request = request.map(boxed);
         inject_trace(&Span::current(), request.headers_mut());
         if let Some(deadline) = deadline {
@@ -165,7 +222,7 @@ pub(crate) async fn handle_inbound(
         INBOUND,
         labels,
         started,
-        call,
+        (call, slot),
     )
 }
 

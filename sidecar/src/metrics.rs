@@ -82,6 +82,7 @@ pub struct Metrics {
     ejections: Family<ServiceLabels, Counter>,
     tls_failures: Family<DirectionLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
+    app_calls: Gauge,
     certificate_expiry: Gauge,
     renewals: Family<ResultLabels, Counter>,
 }
@@ -163,6 +164,12 @@ impl Metrics {
             "Connections currently open",
             open_connections.clone(),
         );
+        let app_calls = Gauge::default();
+        registry.register(
+            "minimesh_app_calls_in_flight",
+            "Calls this sidecar has open to its local service (bounded by --max-app-streams)",
+            app_calls.clone(),
+        );
         // Failure counters are visible at zero before the first failure.
         for direction in [INBOUND, OUTBOUND] {
             let _ = tls_failures.get_or_create(&DirectionLabels { direction });
@@ -200,6 +207,7 @@ impl Metrics {
             ejections,
             tls_failures,
             open_connections,
+            app_calls,
             certificate_expiry,
             renewals,
         })
@@ -277,6 +285,11 @@ impl Metrics {
             metrics: self.clone(),
             direction,
         }
+    }
+
+    /// The gauge of calls open to the local service.
+    pub fn app_calls(&self) -> Gauge {
+        self.app_calls.clone()
     }
 
     /// Every series, in the format the scraper asked for.

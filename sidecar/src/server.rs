@@ -7,7 +7,9 @@ use crate::admin::{self, ReadyCheck};
 use crate::client::{Connection, Transport};
 use crate::config::ConfigError;
 use crate::dump;
-use crate::handle::{InboundState, OutboundState, SpanKind, handle_inbound, handle_outbound};
+use crate::handle::{
+    AppSlots, InboundState, OutboundState, SpanKind, handle_inbound, handle_outbound,
+};
 use crate::listener::{self, Handshake};
 use crate::metrics::Metrics;
 use crate::resolve::{allow_list, loaded_file, naming, service, upstream_names, upstreams};
@@ -123,6 +125,7 @@ pub async fn run_sidecar(
         service: service.clone(),
         allow,
         app,
+        app_slots: AppSlots::new(args.max_app_streams, metrics.app_calls()),
         metrics: metrics.clone(),
     });
     let outbound = Arc::new(OutboundState {

@@ -298,8 +298,21 @@ impl Upstream {
                     maybe_delivered = true;
                     true
                 }
-                Ok(Ok(response)) => {
-                    if retry::classify_response(response.headers()).is_some() {
+                Ok(Ok(response)) => match retry::classify_response(response.headers()) {
+                    Some(retry::Failure::PeerBusy) => {
+                        // Full, not failing: no step towards ejection.
+                        tracked.finish(Outcome::Success);
+                        let said = minimesh_telemetry::status::grpc_message(response.headers());
+                        last_error = format!(
+                            "{} at {}: {}",
+                            self.name,
+                            endpoint.addr(),
+                            said.as_deref().unwrap_or("as many calls open as it allows")
+                        );
+                        last_code = Code::ResourceExhausted;
+                        true
+                    }
+                    Some(_) => {
                         tracked.finish(Outcome::Failure);
                         last_error = format!(
                             "{} at {} could not reach its application",
@@ -308,11 +321,12 @@ impl Upstream {
                         );
                         last_code = Code::Unavailable;
                         true
-                    } else {
+                    }
+                    None => {
                         tracked.finish(Outcome::Success);
                         return response.map(boxed);
                     }
-                }
+                },
                 Ok(Err((err, _unsent))) => {
                     tracked.finish(Outcome::Failure);
                     last_error = err.to_string();

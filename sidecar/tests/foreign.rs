@@ -52,6 +52,7 @@ fn sidecar(
         admin: proxy.admin.to_string(),
         app: app.to_string(),
         allow: allow.iter().map(|a| a.to_string()).collect(),
+        max_app_streams: minimesh_sidecar::args::DEFAULT_MAX_APP_STREAMS,
         config: None,
         check_config: false,
         identity: identity(dir, name),

@@ -69,6 +69,7 @@ async fn start_sidecar() -> Fixture {
         admin: admin.to_string(),
         app: app.to_string(),
         allow: vec!["order".into()],
+        max_app_streams: minimesh_sidecar::args::DEFAULT_MAX_APP_STREAMS,
         config: None,
         check_config: false,
         identity: IdentityArgs::from_files(ca.join("ca.pem"), cert, key),

@@ -29,13 +29,23 @@ pub enum Failure {
     RefusedStream,
     /// The peer's proxy could not deliver to its application.
     PeerUnavailable,
+    /// The peer's proxy refused the call: its application has as many calls
+    /// open as it allows. The endpoint is healthy, only full.
+    PeerBusy,
 }
 
-/// Classifies a response's headers: a trailers-only UNAVAILABLE that the
-/// peer's proxy generated means the application never saw the call.
+/// Classifies a response's headers: a trailers-only UNAVAILABLE or
+/// RESOURCE_EXHAUSTED that the peer's proxy generated means the application
+/// never saw the call.
 pub fn classify_response(headers: &HeaderMap) -> Option<Failure> {
-    let unavailable = headers.get("grpc-status").is_some_and(|v| v == "14");
-    (unavailable && headers.contains_key(PROXY_ERROR_HEADER)).then_some(Failure::PeerUnavailable)
+    if !headers.contains_key(PROXY_ERROR_HEADER) {
+        return None;
+    }
+    match headers.get("grpc-status")?.as_bytes() {
+        b"14" => Some(Failure::PeerUnavailable),
+        b"8" => Some(Failure::PeerBusy),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +133,8 @@ mod tests {
             HeaderValue::from_static("no route to app"),
         );
         assert_eq!(classify_response(&headers), Some(Failure::PeerUnavailable));
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        assert_eq!(classify_response(&headers), Some(Failure::PeerBusy));
         headers.insert("grpc-status", HeaderValue::from_static("4"));
         assert_eq!(
             classify_response(&headers),
