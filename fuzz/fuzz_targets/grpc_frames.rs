@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use minimesh_runtime::trace::GrpcFrames;
+use minimesh_telemetry::trace::GrpcFrames;
 
 fuzz_target!(|input: (Vec<u8>, Vec<u8>)| {
     let (data, cuts) = input;
