@@ -198,9 +198,14 @@ async fn every_metrics_endpoint_passes_promtool_and_a_strict_openmetrics_parser(
         .as_str()
         .unwrap()
         .to_owned();
+    let order_upstreams = shop::services()
+        .into_iter()
+        .find(|s| s.name == "order")
+        .expect("shop.yaml lists order")
+        .upstreams;
     for (addr, upstreams) in [
-        (gateway_admin, vec!["user", "order", "payment"]),
-        (order_admin, vec!["user", "payment"]),
+        (gateway_admin, shop::names()),
+        (order_admin, order_upstreams),
     ] {
         let (_, _, text) = http_get(&addr, "/metrics", None).await;
         for upstream in upstreams {

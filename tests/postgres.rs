@@ -446,10 +446,10 @@ async fn store_outage_under_load(outage: Outage) {
         calls.len(),
         failed.len()
     );
-    for service in ["user", "order", "payment"] {
+    for service in common::shop::names() {
         let unready = samples
             .iter()
-            .filter(|(s, _, status)| s == service && *status != Some(200))
+            .filter(|(s, _, status)| *s == service && *status != Some(200))
             .map(|(_, at, status)| format!("{:?}@{:.1}s", status, (*at - down_at).as_secs_f64()))
             .collect::<Vec<_>>();
         eprintln!("{service} sidecar not ready: {unready:?}");
@@ -493,11 +493,11 @@ async fn store_outage_under_load(outage: Outage) {
     );
 
     // Every sidecar went unready while the store was away, and is ready again.
-    for service in ["user", "order", "payment"] {
+    for service in common::shop::names() {
         let of = |from: Instant, to: Instant| -> Vec<Option<u16>> {
             samples
                 .iter()
-                .filter(|(s, at, _)| s == service && *at >= from && *at <= to)
+                .filter(|(s, at, _)| *s == service && *at >= from && *at <= to)
                 .map(|(_, _, status)| *status)
                 .collect()
         };

@@ -5,6 +5,8 @@
 //! start and kept across restarts, so peers' configuration stays valid when a
 //! child is restarted.
 //!
+//! - [`shop`]: the shop's services, whom each calls and who may call it
+//!   (`helm/minimesh/shop.yaml`, which the chart and the tests read too);
 //! - [`plan`] (with [`ports`]): the topology, every child's command line;
 //! - [`child`]: starting and stopping one child process;
 //! - [`probe`]: whether children are ready;
@@ -18,6 +20,7 @@ mod mesh_file;
 mod plan;
 mod ports;
 mod probe;
+mod shop;
 mod supervise;
 
 use anyhow::Context;
@@ -31,7 +34,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-const SERVICES: [&str; 3] = ["user", "payment", "order"];
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const TRUST_DOMAIN: &str = "minimesh.local";
 /// How often an owed `mesh.json` write is tried again (e.g. disk full).
@@ -99,9 +101,11 @@ fn parse_replicas(raw: &str) -> Result<Replicas, String> {
         let (service, count) = part
             .split_once('=')
             .ok_or_else(|| format!("{part:?} is not SERVICE=N"))?;
-        if !SERVICES.contains(&service) {
+        let shop = shop::shop().map_err(|e| e.to_string())?;
+        if shop.get(service).is_none() {
+            let names: Vec<_> = shop.names().collect();
             return Err(format!(
-                "unknown service {service:?}; expected one of {SERVICES:?}"
+                "unknown service {service:?}; expected one of {names:?}"
             ));
         }
         let count: u16 = count

@@ -4,7 +4,8 @@
 use super::child::Child;
 use super::ports::Ports;
 use super::probe::Probe;
-use super::{SERVICES, TRUST_DOMAIN, UpArgs};
+use super::shop::shop;
+use super::{TRUST_DOMAIN, UpArgs};
 use anyhow::{Context, bail};
 use minimesh_identity::bootstrap::BootstrapKey;
 use minimesh_runtime::telemetry::LogFormat;
@@ -26,17 +27,6 @@ pub(super) struct Instance {
     pub(super) sidecar: usize,
 }
 
-/// Who may call whom (CONTRACT §3): order accepts the gateway; user accepts
-/// order and the gateway; payment accepts order only (nobody outside the
-/// mesh can charge or refund).
-fn default_allow(service: &str) -> &'static str {
-    match service {
-        "order" => "gateway",
-        "payment" => "order",
-        _ => "order,gateway",
-    }
-}
-
 pub(super) fn identity(name: &str) -> String {
     format!(
         "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{name}",
@@ -51,7 +41,7 @@ pub(super) fn prepare_certs(certs: &Path) -> anyhow::Result<()> {
     if !certs.join(minimesh_certs::CA_CERT).exists() {
         minimesh_certs::init_ca(certs, 3650, false).context("creating the mesh CA")?;
     }
-    for name in SERVICES.iter().copied().chain(["gateway"]) {
+    for name in shop()?.names().chain(["gateway"]) {
         let old = certs.join(name);
         if old.is_dir() {
             std::fs::remove_dir_all(&old)
@@ -116,8 +106,9 @@ pub(super) fn plan(
         reserved.insert(addr, listener);
         Ok(addr)
     };
+    let shop = shop()?;
     let mut instances: Vec<Instance> = Vec::new();
-    for service in SERVICES {
+    for service in shop.names() {
         for replica in 0..args.replicas.of(service) {
             instances.push(Instance {
                 service,
@@ -142,31 +133,32 @@ pub(super) fn plan(
     let mut take = |addrs: &[SocketAddr]| -> Vec<std::net::TcpListener> {
         addrs.iter().filter_map(|a| reserved.remove(a)).collect()
     };
-    let inbounds: BTreeMap<&str, String> = SERVICES
-        .iter()
+    let inbounds: BTreeMap<&str, String> = shop
+        .names()
         .map(|service| {
             let list = instances
                 .iter()
-                .filter(|i| i.service == *service)
+                .filter(|i| i.service == service)
                 .map(|i| i.inbound.to_string())
                 .collect::<Vec<_>>()
                 .join(",");
-            (*service, list)
+            (service, list)
         })
         .collect();
     // Each upstream and the shop's route to it: the proxy knows no
     // application's protos, so the gRPC package prefix that leads to each
-    // service is configuration written here (and by the chart).
-    let upstream_flags = |services: &[&str]| -> Vec<String> {
+    // service is configuration written here (and by the chart), from shop.yaml.
+    let upstream_flags = |services: &mut dyn Iterator<Item = &str>| -> Vec<String> {
         services
-            .iter()
+            .filter_map(|svc| shop.get(svc))
             .flat_map(|svc| {
-                let list = inbounds.get(svc).cloned().unwrap_or_default();
+                let name = &svc.name;
+                let list = inbounds.get(name.as_str()).cloned().unwrap_or_default();
                 [
                     s("--upstream"),
-                    format!("{svc}={list}"),
+                    format!("{name}={list}"),
                     s("--route"),
-                    format!("shop.{svc}.={svc}"),
+                    format!("{}={name}", svc.route),
                 ]
             })
             .collect()
@@ -218,6 +210,9 @@ pub(super) fn plan(
     )?);
     for instance in instances.iter_mut() {
         let (service, replica) = (instance.service, instance.replica);
+        let listed = shop
+            .get(service)
+            .context("an instance of a service the shop does not list")?;
         let mut service_args = vec![
             s("service"),
             s(service),
@@ -237,15 +232,14 @@ pub(super) fn plan(
                 service_args.extend([s("--debug-delay"), s(delay)]);
             }
         }
-        if service == "order" {
-            // The order service reaches its peers only through its own sidecar.
-            let outbound = format!("http://{}", instance.outbound);
+        // A service reaches its upstreams only through its own sidecar.
+        for upstream in &listed.upstreams {
             service_args.extend([
-                s("--user-addr"),
-                outbound.clone(),
-                s("--payment-addr"),
-                outbound,
+                format!("--{upstream}-addr"),
+                format!("http://{}", instance.outbound),
             ]);
+        }
+        if service == "order" {
             service_args.extend([
                 s("--fulfilment-step"),
                 s(humantime::format_duration(args.fulfilment_step)),
@@ -264,12 +258,12 @@ pub(super) fn plan(
             s("--app"),
             s(instance.app),
             s("--allow"),
-            s(default_allow(service)),
+            listed.allow.join(","),
         ];
         sidecar_args.extend(identity_flags(certs, issuer_addr));
-        if service == "order" {
-            sidecar_args.extend(upstream_flags(&["user", "payment"]));
-        }
+        sidecar_args.extend(upstream_flags(
+            &mut listed.upstreams.iter().map(String::as_str),
+        ));
         instance.child = children.len();
         children.push(Child::new(
             name.clone(),
@@ -303,7 +297,7 @@ pub(super) fn plan(
         s(gateway_admin),
     ];
     gateway_args.extend(identity_flags(certs, issuer_addr));
-    gateway_args.extend(upstream_flags(&SERVICES));
+    gateway_args.extend(upstream_flags(&mut shop.names()));
     gateway_args.extend([s("--expose"), args.expose.join(",")]);
     let gateway_child = children.len();
     let mut gateway_listeners = vec![gateway_listener];
@@ -349,4 +343,71 @@ pub(super) fn validate(children: &[Child]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    /// The flag values following each `flag` in a child's arguments.
+    fn values<'a>(child: &'a Child, flag: &str) -> Vec<&'a str> {
+        let args = &child.args;
+        args.iter()
+            .zip(args.iter().skip(1))
+            .filter(|(f, _)| *f == flag)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn command_lines_follow_the_shop_list() {
+        let args = Cli::parse_from(["up", "--replicas", "payment=2"]).up;
+        let gateway = bind_gateway("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dir = Path::new("/nonexistent");
+        let plan = plan(&args, dir, dir, dir, gateway, &BootstrapKey::generate()).unwrap();
+        validate(&plan.children).unwrap();
+        let of = |name: &str| plan.children.iter().find(|c| c.name == name).unwrap();
+        // Upstreams start first.
+        let order: Vec<_> = plan.instances.iter().map(|i| i.service).collect();
+        assert_eq!(order, ["user", "payment", "payment", "order"]);
+        let payment_inbounds = plan
+            .instances
+            .iter()
+            .filter(|i| i.service == "payment")
+            .map(|i| i.inbound.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let sidecar = of("order-0-sidecar");
+        assert_eq!(values(sidecar, "--allow"), ["gateway"]);
+        assert_eq!(
+            values(sidecar, "--route"),
+            ["shop.user.=user", "shop.payment.=payment"]
+        );
+        assert_eq!(
+            values(sidecar, "--upstream")[1],
+            format!("payment={payment_inbounds}")
+        );
+        let outbound = format!("http://{}", plan.instances[3].outbound);
+        assert_eq!(values(of("order-0"), "--user-addr"), [outbound.as_str()]);
+        assert_eq!(values(of("order-0"), "--payment-addr"), [outbound.as_str()]);
+        assert_eq!(values(of("user-0-sidecar"), "--allow"), ["order,gateway"]);
+        assert_eq!(values(of("payment-1-sidecar"), "--allow"), ["order"]);
+        assert!(values(of("payment-1-sidecar"), "--upstream").is_empty());
+        assert!(values(of("user-0"), "--user-addr").is_empty());
+        assert_eq!(
+            values(of("gateway"), "--route"),
+            [
+                "shop.user.=user",
+                "shop.payment.=payment",
+                "shop.order.=order"
+            ]
+        );
+    }
 }

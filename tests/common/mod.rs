@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod collector;
 pub mod process;
+pub mod shop;
 
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::order::v1::{CreateOrderRequest, Order, OrderItem};

@@ -25,7 +25,9 @@ CHART = ROOT / "helm" / "minimesh"
 NAMESPACE = "shop"
 RELEASE = "shop"
 KUBE_VERSION = "1.30.0"
-SERVICES = ["user", "order", "payment"]
+# The shop's services, whom each calls and who may call it: the list `up` and the chart read too.
+SHOP = {s["name"]: s for s in yaml.safe_load((CHART / "shop.yaml").read_text())["services"]}
+SERVICES = list(SHOP)
 CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 MATRIX = [("default", {})] + [(f.name, yaml.safe_load(f.read_text())) for f in CI_FILES]
 
@@ -170,7 +172,8 @@ def sidecar_configs(objects):
 def test_sidecar_configs_match_the_services_and_policy(rendering):
     name, values, objects, _ = rendering
     services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}
-    policy = values.get("mesh", {}).get("policy", {"user": ["order", "gateway"], "order": ["gateway"], "payment": ["order"]})
+    # shop.yaml's allow-lists, each replaced by mesh.policy.<service> when set.
+    policy = {name: s["allow"] for name, s in SHOP.items()} | values.get("mesh", {}).get("policy", {})
     trust_domain = values.get("mesh", {}).get("trustDomain", "minimesh.local")
     seen = set()
     for cm, key, config in sidecar_configs(objects):
@@ -189,10 +192,10 @@ def test_sidecar_configs_match_the_services_and_policy(rendering):
             assert svc["spec"]["clusterIP"] == "None", "discovery needs the headless Service"
             assert svc["spec"]["selector"]["app.kubernetes.io/component"] == upstream
             assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
-        expected_upstreams = {"order": ["payment", "user"]}.get(config.get("service"), [])
-        if key == "gateway.yaml":
-            expected_upstreams = sorted(SERVICES)
+        expected_upstreams = SHOP[config["service"]]["upstreams"] if key == "sidecar.yaml" else SERVICES
         assert sorted(config["upstreams"]) == sorted(expected_upstreams)
+        # The proxy knows no protos: each upstream's gRPC package prefix is its route.
+        assert config["routes"] == {SHOP[u]["route"]: u for u in expected_upstreams}
     assert seen == set(SERVICES)
 
 
@@ -860,3 +863,63 @@ def test_every_value_is_documented_and_exercised():
         if not any(l.lstrip().startswith("#") for l in above) and "#" not in line:
             undocumented.append(stripped.split(":")[0])
     assert not undocumented, f"undocumented values: {undocumented}"
+
+
+def sidecar_config_of(objects, service):
+    [config] = [c for _, key, c in sidecar_configs(objects) if key == "sidecar.yaml" and c["service"] == service]
+    return config
+
+
+def test_mesh_policy_replaces_a_services_default_and_keeps_the_others():
+    objects = install({"mesh": {"policy": {"user": ["gateway"]}}})
+    assert sidecar_config_of(objects, "user")["allow"] == ["gateway"]
+    for service in set(SERVICES) - {"user"}:
+        assert sidecar_config_of(objects, service)["allow"] == SHOP[service]["allow"], service
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"services": {"inventory": {"replicas": 1}}}, "services.inventory: inventory is not a service of the shop"),
+    ({"mesh": {"policy": {"inventory": ["gateway"]}}}, "mesh.policy.inventory: inventory is not a service of the shop"),
+    ({"gateway": {"expose": ["inventory"]}}, "gateway.expose: inventory is not a service of the shop"),
+])
+def test_values_naming_a_service_the_shop_does_not_list_fail_the_render(values, message):
+    with pytest.raises(helm_python.HelmError) as err:
+        install(values)
+    assert message in str(err.value)
+
+
+def test_a_fourth_service_needs_only_its_entry_in_shop_yaml():
+    """A copy of the chart whose shop.yaml lists an inventory service (calling payment, which
+    admits it): no values for it, yet it gets a workload with defaults, its sidecar config, the
+    gateway's route, its database, and a place in the NetworkPolicies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = pathlib.Path(tmp) / "minimesh"
+        subprocess.run(["cp", "-r", str(CHART), str(copy)], check=True)
+        shop = yaml.safe_load((copy / "shop.yaml").read_text())
+        for service in shop["services"]:
+            if service["name"] == "payment":
+                service["allow"].append("inventory")
+        shop["services"].append({"name": "inventory", "route": "shop.inventory.", "upstreams": ["payment"], "allow": ["gateway"]})
+        (copy / "shop.yaml").write_text(yaml.safe_dump(shop))
+        values = {"networkPolicy": {"enabled": True}, "postgresql": {"enabled": True}}
+        config = helm_python.Config(storage_driver="memory", namespace=NAMESPACE)
+        manifest = config.install(str(copy), RELEASE, values, dry_run="client")["manifest"]
+        objects = [d for d in yaml.safe_load_all(manifest) if d]
+    inventory = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == f"{RELEASE}-minimesh-inventory")
+    assert inventory["spec"]["replicas"] == 1
+    [app] = [c for c in inventory["spec"]["template"]["spec"]["containers"] if c["name"] == "inventory"]
+    assert app["args"] == ["service", "inventory"]
+    assert app["resources"] == effective({})["services"]["user"]["resources"], "the defaults of values.yaml's services"
+    env = {e["name"]: e for e in app["env"]}
+    assert env["MINIMESH_PAYMENT_ADDR"]["value"] == "http://127.0.0.1:4140"
+    assert env["MINIMESH_DB"]["valueFrom"]["secretKeyRef"]["key"] == "inventory-url"
+    own = sidecar_config_of(objects, "inventory")
+    assert (own["allow"], sorted(own["upstreams"]), own["routes"]) == (["gateway"], ["payment"], {"shop.payment.": "payment"})
+    assert sidecar_config_of(objects, "payment")["allow"] == ["order", "inventory"]
+    [gateway] = [c for _, key, c in sidecar_configs(objects) if key == "gateway.yaml"]
+    assert gateway["routes"]["shop.inventory."] == "inventory" and "inventory" in gateway["upstreams"]
+    policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
+    selected = policies[f"{RELEASE}-minimesh-services"]["spec"]["podSelector"]["matchExpressions"][1]["values"]
+    assert selected == SERVICES + ["inventory"]
+    peers = policies[f"{RELEASE}-minimesh-services"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][1]["values"]
+    assert "inventory" in peers and "gateway" in peers

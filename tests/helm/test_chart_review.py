@@ -102,7 +102,7 @@ def test_an_umbrella_chart_passes_globals_and_values_down():
 
 # Pod metadata and scheduling ----------------------------------------------------------------------
 
-COMPONENT_VALUES = {"user": ("services", "user"), "order": ("services", "order"), "payment": ("services", "payment"),
+COMPONENT_VALUES = {**{s: ("services", s) for s in chart.SERVICES},
                     "gateway": ("gateway",), "identity": ("identity",), "postgresql": ("postgresql",), "jaeger": ("jaeger",)}
 
 

@@ -21,6 +21,72 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The shop (shop.yaml at the chart's root, the list `minimesh up` and the tests read too): its
+     services in listed order, each {name, route, upstreams, allow}, as JSON {"services": [...]}.
+     Checked and cached once per render; values naming services it does not list fail the render. */}}
+{{- define "minimesh.shop" -}}
+{{- if not (hasKey . "minimeshShop") }}
+{{- $shop := .Files.Get "shop.yaml" | fromYaml }}
+{{- if or (not $shop) (hasKey $shop "Error") (not (kindIs "slice" $shop.services)) }}
+{{- fail (printf "shop.yaml is missing or not a list of services: %v" (dig "Error" "" ($shop | default dict))) }}
+{{- end }}
+{{- $names := list }}
+{{- range $shop.services }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- range $shop.services }}
+{{- range .upstreams }}
+{{- if not (has . $names) }}
+{{- fail (printf "shop.yaml: a service calls %s, which is not listed" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $name, $_ := .Values.services }}
+{{- if not (has $name $names) }}
+{{- fail (printf "services.%s: %s is not a service of the shop (shop.yaml lists %s)" $name $name (join ", " $names)) }}
+{{- end }}
+{{- end }}
+{{- range $name, $_ := .Values.mesh.policy }}
+{{- if not (has $name $names) }}
+{{- fail (printf "mesh.policy.%s: %s is not a service of the shop (shop.yaml lists %s)" $name $name (join ", " $names)) }}
+{{- end }}
+{{- end }}
+{{- range .Values.gateway.expose }}
+{{- if not (has . $names) }}
+{{- fail (printf "gateway.expose: %s is not a service of the shop (shop.yaml lists %s)" . (join ", " $names)) }}
+{{- end }}
+{{- end }}
+{{- $_ := set . "minimeshShop" $shop }}
+{{- end }}
+{{- get . "minimeshShop" | toJson }}
+{{- end }}
+
+{{/* The shop's service names, in listed order, as a JSON array. */}}
+{{- define "minimesh.serviceNames" -}}
+{{- $names := list }}
+{{- range (include "minimesh.shop" . | fromJson).services }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/* Knobs of a service that values.yaml does not mention (services.<name>), as those of the
+     three listed there: adding a service to shop.yaml needs no values. */}}
+{{- define "minimesh.serviceDefaults" -}}
+replicas: 1
+env: []
+resources:
+  requests: {cpu: 50m, memory: 64Mi}
+  limits: {cpu: 500m, memory: 256Mi}
+autoscaling: {enabled: false, minReplicas: 2, maxReplicas: 5, targetCPUUtilizationPercentage: 70}
+podAnnotations: {}
+podLabels: {}
+nodeSelector: {}
+tolerations: []
+affinity: {}
+topologySpreadConstraints: []
+{{- end }}
+
 {{/* Common labels. Call with (dict "root" $ "component" "order"). */}}
 {{- define "minimesh.labels" -}}
 helm.sh/chart: {{ include "minimesh.chart" .root }}
@@ -270,9 +336,14 @@ annotations:
 {{- end }}
 
 {{/* Sidecar (or gateway) configuration file, as JSON (a subset of YAML the proxy reads).
-     Call with (dict "root" $ "service" "order" "upstreams" (list "user" "payment")). */}}
+     Call with (dict "root" $ "service" "order" "upstreams" (list "user" "payment")). Routes and
+     the default allow-list come from shop.yaml; mesh.policy.<service> replaces the latter. */}}
 {{- define "minimesh.proxyConfig" -}}
 {{- $root := .root }}
+{{- $shop := dict }}
+{{- range (include "minimesh.shop" $root | fromJson).services }}
+{{- $_ := set $shop .name . }}
+{{- end }}
 {{- $upstreams := dict }}
 {{- range .upstreams }}
 {{- $_ := set $upstreams . (dict "dns" (printf "%s:4143" (include "minimesh.serviceFqdn" (dict "root" $root "name" (include "minimesh.headless" (dict "root" $root "name" .)))))) }}
@@ -280,12 +351,13 @@ annotations:
 {{- /* The proxy knows no protos: the gRPC package prefix of each upstream is configuration. */}}
 {{- $routes := dict }}
 {{- range .upstreams }}
-{{- $_ := set $routes (printf "shop.%s." .) . }}
+{{- $_ := set $routes (get $shop .).route . }}
 {{- end }}
 {{- $config := dict "trustDomain" $root.Values.mesh.trustDomain "namespace" $root.Release.Namespace "upstreams" $upstreams "routes" $routes }}
 {{- if .service }}
 {{- $_ := set $config "service" .service }}
-{{- $_ := set $config "allow" (get $root.Values.mesh.policy .service) }}
+{{- $policy := $root.Values.mesh.policy | default dict }}
+{{- $_ := set $config "allow" (hasKey $policy .service | ternary (get $policy .service) (get $shop .service).allow) }}
 {{- end }}
 {{- $traffic := $root.Values.mesh.traffic }}
 {{- $_ := set $config "retries" (dict "maxAttempts" $traffic.maxAttempts "budgetPercent" $traffic.budgetPercent "minPerSecond" $traffic.minPerSecond) }}
@@ -419,7 +491,7 @@ topologySpreadConstraints:
 {{- printf "minimesh_%s" . }}
 {{- end }}
 
-{{/* Passwords of the chart's PostgreSQL as JSON {"postgres", "user", "order", "payment"}: from the
+{{/* Passwords of the chart's PostgreSQL as JSON {"postgres", and one per service}: from the
      Secret an earlier install created (lookup), or generated now. The server's data directory is
      initialised with them once, so they must never change. Resolved once per render. */}}
 {{- define "minimesh.postgresqlPasswords" -}}
@@ -427,7 +499,7 @@ topologySpreadConstraints:
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "minimesh.postgresql" .) }}
 {{- $data := dig "data" (dict) $existing }}
 {{- $passwords := dict }}
-{{- range $who := list "postgres" "user" "order" "payment" }}
+{{- range $who := prepend (include "minimesh.serviceNames" . | fromJsonArray) "postgres" }}
 {{- $key := printf "%s-password" $who }}
 {{- if index $data $key }}
 {{- $_ := set $passwords $who (index $data $key | b64dec) }}
@@ -459,7 +531,7 @@ key: {{ .root.Values.externalDatabase.secretKey }}
 {{- define "minimesh.postgresqlInit" -}}
 #!/usr/bin/env bash
 set -euo pipefail
-for service in user order payment; do
+for service in {{ include "minimesh.serviceNames" . | fromJsonArray | join " " }}; do
   password_var="MINIMESH_${service^^}_PASSWORD"
   # psql variables quote the names and the password (:"x" as an identifier, :'x' as a literal).
   psql -v ON_ERROR_STOP=1 --no-psqlrc --no-password --username "$POSTGRES_USER" --dbname postgres \
