@@ -340,6 +340,7 @@ def test_services_listen_on_loopback_only(rendering):
         sidecar = next(c for c in all_containers(spec) if c["name"] == "sidecar")
         assert env_of(sidecar)["MINIMESH_APP"] == service["MINIMESH_LISTEN"], where
         assert env_of(sidecar)["MINIMESH_OUTBOUND"].startswith("127.0.0.1:"), where
+        assert int(env_of(sidecar)["MINIMESH_MAX_APP_STREAMS"]) >= 1, where
         for container in all_containers(spec):
             opened = {p["containerPort"] for p in container.get("ports", [])}
             assert not opened & {8080, 9090}, f"{where}: {container['name']} publishes a loopback port"
@@ -794,6 +795,8 @@ def test_notes_tell_how_to_reach_the_mesh():
         {"networkPolicy": {"adminFrom": [{"podSelector": {}, "ports": [{"port": 4191}]}]}},
         {"networkPolicy": {"gatewayFrom": [{}]}},
         {"networkPolicy": {"apiServerPorts": []}},
+        {"sidecar": {"maxAppStreams": 0}},
+        {"sidecar": {"maxAppStreams": "many"}},
     ],
 )
 def test_schema_refuses_bad_values(bad):
@@ -923,3 +926,14 @@ def test_a_fourth_service_needs_only_its_entry_in_shop_yaml():
     assert selected == SERVICES + ["inventory"]
     peers = policies[f"{RELEASE}-minimesh-services"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][1]["values"]
     assert "inventory" in peers and "gateway" in peers
+
+
+def test_sidecar_max_app_streams_reaches_every_sidecar():
+    """sidecar.maxAppStreams is the bound each sidecar puts on calls into its service."""
+    objects = install({"sidecar": {"maxAppStreams": 64}})
+    workloads = service_workloads(objects)
+    assert workloads
+    for sts in workloads.values():
+        spec = sts["spec"]["template"]["spec"]
+        sidecar = next(c for c in all_containers(spec) if c["name"] == "sidecar")
+        assert env_of(sidecar)["MINIMESH_MAX_APP_STREAMS"] == "64", sts["metadata"]["name"]
