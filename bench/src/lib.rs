@@ -7,6 +7,7 @@ pub mod load;
 pub mod orders;
 pub mod orders_table;
 pub mod procstat;
+pub mod soak;
 pub mod suite;
 
 use std::path::PathBuf;
@@ -33,6 +34,9 @@ pub enum BenchCommand {
     OrdersTable(orders_table::OrdersTableArgs),
     /// Run every scenario side by side and write results.json and results.md.
     Suite(suite::SuiteArgs),
+    /// Mixed traffic through a running mesh for minutes, replicas killed with SIGKILL, every
+    /// proxy's RSS and descriptors sampled (bench/soak.sh).
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +99,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCommand::Orders(args) => orders::command(args).await,
         BenchCommand::OrdersTable(args) => orders_table::command(args),
+        BenchCommand::Soak(args) => soak::command(args).await,
         BenchCommand::Suite(args) => {
             // Returning (rather than dying) on a signal drops the suite's
             // processes and scratch directory, which cleans them up.
