@@ -30,7 +30,12 @@ async fn the_benchmark_suite_runs_every_scenario() {
         serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
             .unwrap();
     let workloads = results["workloads"].as_array().unwrap();
-    assert_eq!(workloads.len(), 10);
+    // The targets read off the run: latency and memory (CPU needs the HAProxy pair).
+    let table = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    for target in ["added mean latency", "256 concurrent streams"] {
+        assert!(table.contains(target), "no {target:?} row in {table}");
+    }
+    assert_eq!(workloads.len(), 11);
     for entry in workloads {
         let cells = entry[1].as_object().unwrap();
         for scenario in ["direct", "minimesh", "gateway"] {

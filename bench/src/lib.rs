@@ -52,6 +52,9 @@ pub struct LoadArgs {
     /// Concurrent calls or streams.
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,
+    /// Connections to spread them over.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
     /// Open loop: calls per second on a fixed schedule (unary only).
     #[arg(long)]
     pub rate: Option<f64>,
@@ -79,6 +82,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 call: args.call,
                 payload: args.payload,
                 concurrency: args.concurrency,
+                connections: args.connections,
                 rate: args.rate,
                 duration: args.duration.unwrap_or(if args.count.is_some() {
                     Duration::from_secs(3600)

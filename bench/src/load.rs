@@ -35,6 +35,8 @@ pub struct Workload {
     pub payload: usize,
     /// Concurrent calls (unary) or streams.
     pub concurrency: usize,
+    /// HTTP/2 connections the calls or streams are spread over.
+    pub connections: usize,
     /// Calls per second for an open-loop unary run; None runs closed-loop.
     pub rate: Option<f64>,
     /// How long to run: the limit, or the cap when `count` is set.
@@ -56,6 +58,8 @@ mod humantime_serde_shim {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
+    #[serde(default)]
+    pub mean_us: f64,
     pub p50_us: u64,
     pub p90_us: u64,
     pub p99_us: u64,
@@ -104,6 +108,7 @@ impl Report {
             && !h.is_empty()
         {
             self.latency = Some(Latency {
+                mean_us: h.mean(),
                 p50_us: h.value_at_quantile(0.50),
                 p90_us: h.value_at_quantile(0.90),
                 p99_us: h.value_at_quantile(0.99),
@@ -153,9 +158,50 @@ fn code_name(status: &tonic::Status) -> String {
     }
 }
 
-/// Runs `workload` against `target` (http://host:port).
+/// Runs `workload` against `target` (http://host:port), its calls or
+/// streams spread evenly over `workload.connections` connections.
 pub async fn run(target: &str, workload: &Workload) -> Result<Report, LoadError> {
-    let channel = connect(target).await?;
+    let connections = workload.connections.clamp(1, workload.concurrency.max(1));
+    if connections == 1 {
+        return run_on(connect(target).await?, workload).await;
+    }
+    let mut parts = Vec::new();
+    for i in 0..connections {
+        let share = Workload {
+            concurrency: workload.concurrency / connections
+                + usize::from(i < workload.concurrency % connections),
+            connections: 1,
+            count: workload
+                .count
+                .map(|n| n / connections as u64 + u64::from((i as u64) < n % connections as u64)),
+            ..workload.clone()
+        };
+        let channel = connect(target).await?;
+        parts.push(tokio::spawn(async move { run_on(channel, &share).await }));
+    }
+    let mut total = Report::default();
+    let mut elapsed: f64 = 0.0;
+    for part in parts {
+        let Ok(part) = part.await else { continue };
+        let part = part?;
+        elapsed = elapsed.max(part.elapsed_s);
+        total.ok += part.ok;
+        for (code, n) in &part.errors {
+            *total.errors.entry(code.clone()).or_default() += n;
+        }
+        match (&mut total.histogram, &part.histogram) {
+            (Some(mine), Some(theirs)) => {
+                let _ = mine.add(theirs);
+            }
+            (None, Some(theirs)) => total.histogram = Some(theirs.clone()),
+            _ => {}
+        }
+    }
+    // The connections ran side by side: the run took as long as the slowest.
+    Ok(total.finish(Duration::from_secs_f64(elapsed)))
+}
+
+async fn run_on(channel: Channel, workload: &Workload) -> Result<Report, LoadError> {
     match workload.call {
         Call::Unary => match workload.rate {
             Some(rate) => open_loop(channel, workload, rate).await,

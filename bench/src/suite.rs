@@ -166,6 +166,7 @@ fn workloads(duration: Duration) -> Vec<Workload> {
         call,
         payload,
         concurrency,
+        connections: 1,
         rate: None,
         duration,
         count: None,
@@ -185,8 +186,12 @@ fn workloads(duration: Duration) -> Vec<Workload> {
         w(Call::ServerStream, 10 * 1024, 4),
         w(Call::Bidi, 100, 4),
         w(Call::Bidi, 10 * 1024, 4),
-        // The RSS target is stated at 64 concurrent streams.
         w(Call::Bidi, 100, 64),
+        // The RSS target: 256 concurrent streams, 32 on each of 8 connections.
+        Workload {
+            connections: 8,
+            ..w(Call::Bidi, 100, 256)
+        },
     ]
 }
 
@@ -195,6 +200,7 @@ async fn wait_for(target: &str, what: &str) -> anyhow::Result<()> {
         call: Call::Unary,
         payload: 10,
         concurrency: 1,
+        connections: 1,
         rate: None,
         duration: Duration::from_millis(50),
         count: None,
@@ -590,14 +596,18 @@ fn markdown(results: &Results) -> String {
         };
         let load = match workload.rate {
             Some(rate) => format!("open loop at {rate:.0} calls/s"),
+            None if workload.connections > 1 => format!(
+                "concurrency {} over {} connections",
+                workload.concurrency, workload.connections
+            ),
             None => format!("concurrency {}", workload.concurrency),
         };
         out.push_str(&format!(
             "### {:?}, {} B, {load}\n\n",
             workload.call, workload.payload
         ));
-        out.push_str(&format!("| scenario | {kind} | × direct | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s | done per proxy CPU-s | × HAProxy | proxy peak RSS MiB | proxy peak anon MiB |\n"));
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+        out.push_str(&format!("| scenario | {kind} | × direct | mean µs | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s | done per proxy CPU-s | × HAProxy | proxy peak RSS MiB | proxy peak anon MiB |\n"));
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
         let direct = cells
             .get("direct")
             .map(|c| c.report.per_second)
@@ -612,11 +622,12 @@ fn markdown(results: &Results) -> String {
         let haproxy = cells.get("haproxy").map(efficiency).unwrap_or(0.0);
         for (name, cell) in cells {
             let r = &cell.report;
-            let (p50, p99, p999) = r
+            let (mean, p50, p99, p999) = r
                 .latency
                 .as_ref()
                 .map(|l| {
                     (
+                        format!("{:.0}", l.mean_us),
                         l.p50_us.to_string(),
                         l.p99_us.to_string(),
                         l.p999_us.to_string(),
@@ -638,7 +649,7 @@ fn markdown(results: &Results) -> String {
                 .collect::<Vec<_>>()
                 .join(" + ");
             out.push_str(&format!(
-                "| {name} | {:.0} | {} | {p50} | {p99} | {p999} | {errors} | {:.2} | {} | {} | {} | {} |\n",
+                "| {name} | {:.0} | {} | {mean} | {p50} | {p99} | {p999} | {errors} | {:.2} | {} | {} | {} | {} |\n",
                 r.per_second,
                 if direct > 0.0 { format!("{:.2}", r.per_second / direct) } else { "-".into() },
                 cell.proxy_cpu_seconds,
@@ -650,5 +661,82 @@ fn markdown(results: &Results) -> String {
         }
         out.push('\n');
     }
+    out.push_str(&targets(results));
+    out
+}
+
+/// The three proxy targets, read off this run's cells.
+fn targets(results: &Results) -> String {
+    let find = |call: Call, payload: usize, concurrency: usize, connections: usize| {
+        results.workloads.iter().find(|(w, _)| {
+            w.call == call
+                && w.payload == payload
+                && w.concurrency == concurrency
+                && w.connections == connections
+                && w.rate.is_none()
+        })
+    };
+    let verdict = |met: bool| if met { "met" } else { "missed" };
+    let mut out = String::from("### Targets\n\n| target | this run | |\n|---|---|---|\n");
+    if let Some((_, cells)) = find(Call::Unary, 100, 1, 1) {
+        let mean = |name: &str| {
+            cells
+                .get(name)
+                .and_then(|c| c.report.latency.as_ref())
+                .map(|l| l.mean_us)
+        };
+        if let (Some(direct), Some(mesh)) = (mean("direct"), mean("minimesh")) {
+            let added = mesh - direct;
+            let haproxy = mean("haproxy").map_or(String::new(), |h| {
+                format!(" (HAProxy pair +{:.0} µs)", h - direct)
+            });
+            out.push_str(&format!(
+                "| added mean latency, 100 B unary at c=1 ≤ 150 µs | +{added:.0} µs ({mesh:.0} vs {direct:.0}){haproxy} | {} |\n",
+                verdict(added <= 150.0)
+            ));
+        }
+    }
+    let per_cpu =
+        |c: &Cell| (c.proxy_cpu_seconds > 0.0).then(|| c.report.ok as f64 / c.proxy_cpu_seconds);
+    let mut ratios = Vec::new();
+    for (w, cells) in &results.workloads {
+        if w.call != Call::Unary {
+            continue;
+        }
+        let mesh = cells.get("minimesh").and_then(per_cpu);
+        let haproxy = cells.get("haproxy").and_then(per_cpu);
+        if let (Some(mesh), Some(haproxy)) = (mesh, haproxy) {
+            let load = match w.rate {
+                Some(rate) => format!("{rate:.0}/s"),
+                None => format!("c={}", w.concurrency),
+            };
+            ratios.push((format!("{} B {load}", w.payload), mesh / haproxy));
+        }
+    }
+    if !ratios.is_empty() {
+        let worst = ratios.iter().map(|(_, r)| *r).fold(f64::INFINITY, f64::min);
+        let each: Vec<String> = ratios
+            .iter()
+            .map(|(what, r)| format!("{what}: {r:.2}×"))
+            .collect();
+        out.push_str(&format!(
+            "| unary calls per CPU-second of both sidecars ≥ 1.25× the HAProxy pair's | {} | {} |\n",
+            each.join(", "),
+            verdict(worst >= 1.25)
+        ));
+    }
+    if let Some((_, cells)) = find(Call::Bidi, 100, 256, 8)
+        && let Some(mesh) = cells.get("minimesh")
+        && let Some(peak) = mesh.proxy_peak_rss_kib.iter().max()
+    {
+        let mib = |k: &u64| format!("{:.1}", *k as f64 / 1024.0);
+        out.push_str(&format!(
+            "| each sidecar's peak RSS with 256 concurrent streams (8 connections × 32) ≤ 15 MiB | {} MiB (private anon {} MiB) | {} |\n",
+            mesh.proxy_peak_rss_kib.iter().map(mib).collect::<Vec<_>>().join(" + "),
+            mesh.proxy_peak_anon_kib.iter().map(mib).collect::<Vec<_>>().join(" + "),
+            verdict(*peak as f64 / 1024.0 <= 15.0)
+        ));
+    }
+    out.push('\n');
     out
 }

@@ -16,6 +16,7 @@ fn workload(call: Call, concurrency: usize, rate: Option<f64>) -> Workload {
         call,
         payload: 100,
         concurrency,
+        connections: 1,
         rate,
         duration: Duration::from_millis(300),
         count: None,
@@ -129,4 +130,23 @@ async fn a_count_stops_the_run_at_exactly_that_many_calls() {
             "{call:?} ran to the cap"
         );
     }
+}
+
+#[tokio::test]
+async fn a_run_spread_over_connections_counts_every_call() {
+    let target = backend().await;
+    let report = run(
+        &target,
+        &Workload {
+            duration: Duration::from_secs(60),
+            count: Some(37),
+            connections: 3,
+            ..workload(Call::Unary, 4, None)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.ok, 37, "{report:?}");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(report.latency.is_some_and(|l| l.mean_us > 0.0));
 }
