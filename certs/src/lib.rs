@@ -7,9 +7,11 @@
 //! carry the ServerAuth and ClientAuth usages. Private keys are written with
 //! mode 0600.
 
-mod spiffe;
-
-pub use spiffe::{SpiffeError, SpiffeId, not_after_unix, spiffe_id_of};
+// The id type lives in its own crate so the proxy can use it without rcgen;
+// re-exported so callers of this crate keep one import.
+pub use minimesh_spiffe::{
+    DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, SpiffeError, SpiffeId, not_after_unix, spiffe_id_of,
+};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -23,8 +25,6 @@ use time::{Duration, OffsetDateTime};
 
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
-pub const DEFAULT_TRUST_DOMAIN: &str = "minimesh.local";
-pub const DEFAULT_NAMESPACE: &str = "default";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
@@ -314,18 +314,6 @@ fn ttl_window(ttl: std::time::Duration) -> Result<(OffsetDateTime, OffsetDateTim
         .filter(|end| end.year() <= 9999)
         .ok_or(CertsError::ValidityTooLong((ttl.as_secs() / 86_400) as i64))?;
     Ok((now - BACKDATE, end))
-}
-
-/// A key pair and a CSR for `id`, for a proxy asking the issuer. The key
-/// stays in memory.
-pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, Vec<u8>), CertsError> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .subject_alt_names
-        .push(SanType::URI(id.to_string().try_into()?));
-    let csr = params.serialize_request(&key)?;
-    Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
 /// Issues a leaf and writes `NAME.pem` and `NAME.key` (0600) into `out`.

@@ -5,7 +5,7 @@
 
 use crate::pb::identity_client::IdentityClient;
 use crate::pb::{CertifyRequest, certify_request};
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use rand::Rng;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -30,8 +30,9 @@ pub enum ClientError {
     Refused(tonic::Status),
     #[error("identity issuer answered with {0}")]
     BadAnswer(String),
-    #[error(transparent)]
-    Certs(#[from] minimesh_certs::CertsError),
+    /// Making the key or the CSR failed (rcgen).
+    #[error("making the key and CSR: {0}")]
+    Csr(#[from] rcgen::Error),
     #[error("reading the ServiceAccount token {path}: {message}")]
     Token { path: PathBuf, message: String },
 }
@@ -43,7 +44,7 @@ impl ClientError {
             self,
             ClientError::Refused(status)
                 if matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument)
-        ) || matches!(self, ClientError::Address { .. } | ClientError::Certs(_))
+        ) || matches!(self, ClientError::Address { .. } | ClientError::Csr(_))
     }
 }
 
@@ -96,6 +97,18 @@ impl Issued {
         let share = RENEW_AT + rng.random_range(-JITTER..=JITTER);
         self.issued_at + lifetime.mul_f64(share)
     }
+}
+
+/// A key pair and a CSR for `id`; the key stays in memory. Only the key
+/// matters to the issuer, which decides the certificate's names itself.
+fn new_key_and_csr(id: &SpiffeId) -> Result<(String, Vec<u8>), rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(id.to_string().try_into()?));
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
 /// Asks the issuer once, within `limit` in all (connect, TLS, answer): a
@@ -152,7 +165,7 @@ pub async fn certify(
         }
         (Credential::Bootstrap(_), Some(_)) => None,
     };
-    let (key_pem, csr) = minimesh_certs::new_key_and_csr(&config.identity)?;
+    let (key_pem, csr) = new_key_and_csr(&config.identity)?;
     let issued_at = SystemTime::now();
     let response = IdentityClient::new(channel)
         .certify(CertifyRequest {

@@ -8,7 +8,8 @@ use crate::bootstrap::{BootstrapKey, BootstrapVerifier};
 use crate::pb::identity_server::{Identity, IdentityServer};
 use crate::pb::{CertifyRequest, CertifyResponse, certify_request::Credential};
 use crate::tokenreview::TokenReviewer;
-use minimesh_certs::{SigningCa, SpiffeId, spiffe_id_of};
+use minimesh_certs::SigningCa;
+use minimesh_spiffe::{SpiffeId, spiffe_id_of};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ pub struct IssuerArgs {
     #[arg(long, env = "MINIMESH_CA_KEY")]
     pub ca_key: PathBuf,
     /// The trust domain every issued identity belongs to.
-    #[arg(long, env = "MINIMESH_TRUST_DOMAIN", default_value = minimesh_certs::DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, env = "MINIMESH_TRUST_DOMAIN", default_value = minimesh_spiffe::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Lifetime of every workload certificate.
     #[arg(long, env = "MINIMESH_CERT_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
@@ -242,7 +243,7 @@ impl Issuer {
         let wanted: SpiffeId = request
             .identity
             .parse()
-            .map_err(|e: minimesh_certs::SpiffeError| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e: minimesh_spiffe::SpiffeError| Status::invalid_argument(e.to_string()))?;
         if wanted.trust_domain != self.trust_domain {
             return Err(Status::invalid_argument(format!(
                 "{wanted} is outside the trust domain {}",

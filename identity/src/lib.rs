@@ -10,6 +10,7 @@
 
 pub mod bootstrap;
 pub mod client;
+#[cfg(feature = "issuer")]
 pub mod issuer;
 pub mod tokenreview;
 

@@ -1,6 +1,6 @@
 //! Who may call this service: an allow-list of caller identities.
 
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 
 /// Allowed callers: short names (`order`, resolved in this proxy's trust
 /// domain and namespace) or full SPIFFE URIs.
@@ -14,7 +14,7 @@ impl AllowList {
         entries: &[String],
         trust_domain: &str,
         namespace: &str,
-    ) -> Result<Self, minimesh_certs::SpiffeError> {
+    ) -> Result<Self, minimesh_spiffe::SpiffeError> {
         let ids = entries
             .iter()
             .map(|entry| {

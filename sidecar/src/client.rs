@@ -9,7 +9,7 @@ use crate::tls::{Reloader, server_name};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -27,7 +27,7 @@ pub enum ConfigError {
     #[error("{0} is required (flag, environment variable or config file)")]
     Missing(&'static str),
     #[error("allow-list: {0}")]
-    Allow(#[from] minimesh_certs::SpiffeError),
+    Allow(#[from] minimesh_spiffe::SpiffeError),
     #[error("{0}")]
     Route(String),
     #[error("route {prefix:?} goes to {upstream:?}, which is not a configured upstream")]

@@ -5,8 +5,8 @@
 use crate::metrics::Metrics;
 use crate::server::{IdentityArgs, SidecarError};
 use crate::tls::{Reloader, TlsConfigs, TlsError, TlsFiles};
-use minimesh_certs::SpiffeId;
 use minimesh_identity::client::{self, Credential, Issued, IssuerClientConfig};
+use minimesh_spiffe::SpiffeId;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ pub enum IdentityError {
     #[error("--cert and --key are needed unless --identity-addr is given")]
     NoFiles,
     #[error("the identity {0}: {1}")]
-    Name(String, minimesh_certs::SpiffeError),
+    Name(String, minimesh_spiffe::SpiffeError),
     #[error("no certificate from the identity issuer: {0}")]
     Issuer(#[from] client::ClientError),
 }

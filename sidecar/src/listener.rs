@@ -11,7 +11,7 @@ use crate::tls::{Reloader, peer_identity};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -9,7 +9,7 @@
 //! handshake; connections already open keep the configuration they started
 //! with.
 
-use minimesh_certs::{SpiffeId, spiffe_id_of};
+use minimesh_spiffe::{SpiffeId, spiffe_id_of};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -33,7 +33,7 @@ pub enum TlsError {
     #[error("certificate verifier: {0}")]
     Verifier(String),
     #[error("our own certificate: {0}")]
-    Identity(#[from] minimesh_certs::SpiffeError),
+    Identity(#[from] minimesh_spiffe::SpiffeError),
 }
 
 /// Where this proxy's mesh credentials live.
@@ -146,7 +146,7 @@ impl TlsConfigs {
 
     /// When this proxy's certificate expires, in seconds since the epoch.
     pub fn expires_at_unix(&self) -> Option<i64> {
-        minimesh_certs::not_after_unix(&self.chain[0]).ok()
+        minimesh_spiffe::not_after_unix(&self.chain[0]).ok()
     }
 
     pub fn identity(&self) -> &SpiffeId {
