@@ -6,9 +6,9 @@
 //! - [`route`]: `:authority` or a configured path prefix → upstream (no protos);
 //! - [`client`]: one HTTP/2 connection per endpoint;
 //! - [`upstream`]: discovery, balancing, ejection, retries and deadlines for
-//!   one upstream (policy from `minimesh-traffic`);
+//!   one upstream (policy from `minimesh-traffic`, including its `replay`
+//!   body: a request kept up to a cap so a call can be sent again);
 //! - [`body`]: streaming bodies and the proxy's own gRPC answers;
-//! - [`replay`]: a request body kept (up to a cap) so a call can be sent again;
 //! - [`metrics`], [`admin`]: Prometheus series and `/live`, `/ready`, `/metrics`;
 //! - [`listener`]: the one accept loop, its limits, and HTTP/2 serving;
 //! - [`handle`]: what the inbound, outbound and gateway listeners do with a call;
@@ -28,7 +28,6 @@ mod handle;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
-pub mod replay;
 mod resolve;
 pub mod route;
 pub mod server;

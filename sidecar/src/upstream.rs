@@ -5,12 +5,12 @@
 use crate::body::{Code, ProxyBody, boxed, grpc_error};
 use crate::client::{Connection, Transport};
 use crate::metrics::Metrics;
-use crate::replay::ReplayBody;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use minimesh_traffic::deadline::Deadline;
 use minimesh_traffic::discover::Endpoints;
 use minimesh_traffic::eject::{EjectionPolicy, Transition};
 use minimesh_traffic::endpoint::{EjectionCap, EndpointPolicy, EndpointState, Outcome, choose};
+use minimesh_traffic::replay::ReplayBody;
 use minimesh_traffic::retry::{self, RetryBudget, RetryPolicy};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
