@@ -20,21 +20,37 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The shortest time one renewal attempt is given.
 const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 
+/// Why the issuer gave no certificate.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The issuer address is not a usable URI.
     #[error("identity issuer address {addr:?}: {message}")]
-    Address { addr: String, message: String },
+    Address {
+        /// The address given.
+        addr: String,
+        /// Why it cannot be used.
+        message: String,
+    },
+    /// No answer: connect, TLS or transport failure, or a timeout. Worth retrying.
     #[error("identity issuer unreachable: {0}")]
     Unreachable(String),
+    /// The issuer answered with an error status.
     #[error("identity issuer refused: {0}")]
     Refused(tonic::Status),
+    /// The issuer's answer holds no usable certificate.
     #[error("identity issuer answered with {0}")]
     BadAnswer(String),
     /// Making the key or the CSR failed (rcgen).
     #[error("making the key and CSR: {0}")]
     Csr(#[from] rcgen::Error),
+    /// The ServiceAccount token file could not be read.
     #[error("reading the ServiceAccount token {path}: {message}")]
-    Token { path: PathBuf, message: String },
+    Token {
+        /// The token file.
+        path: PathBuf,
+        /// What the read failed with.
+        message: String,
+    },
 }
 
 impl ClientError {
@@ -57,6 +73,7 @@ pub enum Credential {
     TokenFile(PathBuf),
 }
 
+/// Where the issuer is and how this proxy proves who it is.
 #[derive(Debug, Clone)]
 pub struct IssuerClientConfig {
     /// `https://host:port` of the issuer.
@@ -65,16 +82,22 @@ pub struct IssuerClientConfig {
     pub server_name: String,
     /// The trust anchor, PEM: verifies the issuer and, later, every peer.
     pub ca_pem: String,
+    /// The identity to ask a certificate for.
     pub identity: SpiffeId,
+    /// What proves the identity on the first request.
     pub credential: Credential,
 }
 
 /// A certificate the issuer gave, with the key it certifies.
 #[derive(Clone)]
 pub struct Issued {
+    /// The certificate chain, leaf first, PEM.
     pub chain_pem: String,
+    /// The private key made for it, PEM; it never leaves memory.
     pub key_pem: String,
+    /// When the certificate was asked for (the start of its useful life here).
     pub issued_at: SystemTime,
+    /// The certificate's notAfter.
     pub expires_at: SystemTime,
 }
 

@@ -10,6 +10,8 @@ pub struct AllowList {
 }
 
 impl AllowList {
+    /// The list from short names (`order`, completed with the trust domain and
+    ///  namespace) or full SPIFFE URIs.
     pub fn new(
         entries: &[String],
         trust_domain: &str,
@@ -28,10 +30,12 @@ impl AllowList {
         Ok(Self { ids })
     }
 
+    /// Whether `caller` is on the list.
     pub fn allows(&self, caller: &SpiffeId) -> bool {
         self.ids.iter().any(|id| id == caller)
     }
 
+    /// The identities on the list, for the config dump.
     pub fn entries(&self) -> &[SpiffeId] {
         &self.ids
     }

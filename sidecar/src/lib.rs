@@ -45,6 +45,7 @@ pub mod upstream;
 /// so they cannot starve the other calls multiplexed on it (a connection of
 /// 1 MiB froze every call after four stalled 256 KiB streams).
 pub mod window {
+    /// Per-stream window: what one stalled stream can hold buffered.
     pub const STREAM: u32 = 256 * 1024;
     /// Concurrent streams per connection, in both directions.
     pub const MAX_STREAMS: u32 = 256;

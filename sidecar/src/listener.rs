@@ -127,8 +127,11 @@ impl Drop for CallGuard {
 /// What a connection's task gets: its activity, the limits, and the stop signal.
 #[derive(Debug)]
 pub struct Connection {
+    /// Calls in flight on this connection, and when it last had one (idle close).
     pub activity: Arc<Activity>,
+    /// The limits this connection is served with.
     pub limits: Limits,
+    /// Turns true when the listener stops: finish in-flight calls and close.
     pub stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 }
