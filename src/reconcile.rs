@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
-pub struct ReconcileArgs {
+pub(crate) struct ReconcileArgs {
     /// The data dir of `minimesh up` (holds order.db and payment.db).
     #[arg(long, env = "MINIMESH_DATA_DIR", default_value = "./.minimesh")]
     data_dir: PathBuf,
@@ -26,7 +26,7 @@ pub struct ReconcileArgs {
 }
 
 /// Returns whether the records are clean.
-pub async fn run(args: ReconcileArgs) -> anyhow::Result<bool> {
+pub(crate) async fn run(args: ReconcileArgs) -> anyhow::Result<bool> {
     let (payments, orders) = match &args.database_url {
         Some(url) => {
             let shown = minimesh_runtime::store::redact(url);

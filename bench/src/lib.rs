@@ -13,16 +13,20 @@ pub mod suite;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `minimesh bench`: one of the benchmark tools.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    /// Which tool to run.
     #[command(subcommand)]
     pub command: BenchCommand,
 }
 
+/// The benchmark tools.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
     /// Serve the echo backend the benchmarks call.
     Backend {
+        /// Address to serve on (port 0 picks a free one, printed).
         #[arg(long, env = "MINIMESH_LISTEN", default_value = "127.0.0.1:0")]
         listen: String,
     },
@@ -39,11 +43,13 @@ pub enum BenchCommand {
     Soak(soak::SoakArgs),
 }
 
+/// `minimesh bench load`: one workload against one target.
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
     /// Target, e.g. http://127.0.0.1:50051.
     #[arg(long)]
     pub target: String,
+    /// Unary, server-streaming or bidirectional calls.
     #[arg(long, value_enum, default_value = "unary")]
     pub call: load::Call,
     /// Payload bytes per message.
@@ -69,6 +75,7 @@ pub struct LoadArgs {
     pub json: Option<PathBuf>,
 }
 
+/// Runs the chosen tool to the end, printing (or writing) its report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Backend { listen } => {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+/// The kind of call a load run makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Call {
@@ -28,8 +29,10 @@ pub enum Call {
     Bidi,
 }
 
+/// What a load run did, as recorded next to its report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
+    /// The kind of call.
     pub call: Call,
     /// Bytes of payload per message.
     pub payload: usize,
@@ -48,7 +51,7 @@ pub struct Workload {
 }
 
 mod humantime_serde_shim {
-    pub fn serialize<S: serde::Serializer>(
+    pub(super) fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
         s: S,
     ) -> Result<S::Ok, S::Error> {
@@ -56,38 +59,52 @@ mod humantime_serde_shim {
     }
 }
 
+/// Latency percentiles of the OK calls, microseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
+    /// Mean.
     #[serde(default)]
     pub mean_us: f64,
+    /// Median.
     pub p50_us: u64,
+    /// 90th percentile.
     pub p90_us: u64,
+    /// 99th percentile.
     pub p99_us: u64,
+    /// 99.9th percentile.
     pub p999_us: u64,
+    /// Slowest call.
     pub max_us: u64,
 }
 
+/// The outcome of a load run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
     /// Successful calls (unary) or messages received (streams).
     pub ok: u64,
     /// Failed calls by gRPC status code name.
     pub errors: BTreeMap<String, u64>,
+    /// Wall-clock seconds the run took.
     pub elapsed_s: f64,
     /// ok / elapsed.
     pub per_second: f64,
     /// Unary only.
     pub latency: Option<Latency>,
+    /// The full latency histogram, for merging runs (not serialised).
     #[serde(skip)]
     pub histogram: Option<Histogram<u64>>,
 }
 
+/// Why a load run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The target is not a valid URI.
     #[error("invalid target {0}: {1}")]
     Target(String, tonic::transport::Error),
+    /// No connection to the target.
     #[error("cannot connect to {0}: {1}")]
     Connect(String, tonic::transport::Error),
+    /// The latency histogram could not be made or recorded into.
     #[error("histogram: {0}")]
     Histogram(String),
 }

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 /// wedged target from hanging the run.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `minimesh bench orders`: CreateOrder against a running mesh.
 #[derive(Debug, clap::Args)]
 pub struct OrdersArgs {
     /// The gateway (or any endpoint serving UserService and OrderService), e.g. http://127.0.0.1:50051.
@@ -45,13 +46,18 @@ pub struct OrdersArgs {
     pub json: Option<PathBuf>,
 }
 
+/// What an orders run did, as recorded next to its report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrdersWorkload {
+    /// Workers, each creating orders one after another.
     pub concurrency: usize,
+    /// Seconds measured.
     pub duration_s: f64,
+    /// Seconds run before measuring, not counted.
     pub warmup_s: f64,
 }
 
+/// The outcome of an orders run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct OrdersReport {
     /// Calls, errors by code, latency of the OK calls (µs).

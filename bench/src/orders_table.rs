@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+/// `minimesh bench orders-table`: many orders runs folded into one table.
 #[derive(Debug, clap::Args)]
 pub struct OrdersTableArgs {
     /// JSON files written by `minimesh bench orders --json`.
@@ -23,25 +24,34 @@ pub struct OrdersTableArgs {
     pub out: PathBuf,
 }
 
+/// One `orders --json` file: runs of one configuration.
 #[derive(Debug, Deserialize)]
 pub struct RunFile {
+    /// The configuration's name (a column of the table).
     pub label: String,
+    /// Its runs, one per round and concurrency.
     pub runs: Vec<Run>,
 }
 
+/// One orders run as stored.
 #[derive(Debug, Deserialize)]
 pub struct Run {
+    /// What was run.
     pub workload: OrdersWorkload,
+    /// What came of it.
     pub report: OrdersReport,
 }
 
 /// Every round of one configuration at one concurrency.
 #[derive(Debug, Serialize)]
 pub struct Cell {
+    /// The configuration's name.
     pub label: String,
+    /// Workers in each round.
     pub concurrency: usize,
     /// calls/s of each round, in the order the rounds ran.
     pub per_round: Vec<f64>,
+    /// Every round's calls merged, latency included.
     pub report: OrdersReport,
 }
 

@@ -3,6 +3,7 @@
 /// Clock ticks per second of /proc/<pid>/stat times; 100 on every Linux we target.
 const TICKS_PER_SECOND: f64 = 100.0;
 
+/// One reading of a process's CPU time and memory.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct ProcSample {
     /// User + system CPU seconds since the process started.
@@ -58,6 +59,7 @@ pub struct AnonPeaks {
 }
 
 impl AnonPeaks {
+    /// Starts sampling `pids`.
     pub fn start(pids: &[u32]) -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         let peaks: std::sync::Arc<Vec<AtomicU64>> =
@@ -77,6 +79,7 @@ impl AnonPeaks {
         Self { peaks, task }
     }
 
+    /// Stops sampling; the peak anonymous memory of each pid (KiB), in the order given.
     pub fn finish(self) -> Vec<u64> {
         self.task.abort();
         self.peaks

@@ -26,6 +26,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a stream may take to see its orders to the end.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The flags of `minimesh bench soak`.
 #[derive(Debug, clap::Args)]
 pub struct SoakArgs {
     /// `mesh.json` of a running `minimesh up`: the gateway to call, the processes to sample and kill.
@@ -55,23 +56,31 @@ pub struct SoakArgs {
 /// One process's memory and descriptors at one moment.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessSample {
+    /// The process sampled (a restarted proxy has a new one).
     pub pid: u32,
+    /// Resident set size (VmRSS).
     pub rss_kib: u64,
+    /// Open file descriptors.
     pub fds: usize,
 }
 
 /// Every proxy at one moment, by name (`gateway`, `order-0-sidecar`, …).
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
+    /// Seconds since the traffic started.
     pub at_s: u64,
+    /// Each proxy's numbers.
     pub proxies: BTreeMap<String, ProcessSample>,
 }
 
 /// Calls and streams by kind: successes and errors by gRPC code.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Tally {
+    /// Successes by call (`CreateOrder`, `WatchOrder`, …).
     pub ok: BTreeMap<&'static str, u64>,
+    /// Failures by call and gRPC code (`GetUser Unavailable`).
     pub errors: BTreeMap<String, u64>,
+    /// Events the streams received.
     pub stream_messages: u64,
 }
 
@@ -91,24 +100,37 @@ impl Tally {
 /// A proxy whose memory or descriptors kept growing while it lived.
 #[derive(Debug, Clone, Serialize)]
 pub struct Growth {
+    /// The proxy's name.
     pub proxy: String,
+    /// Samples of its last life judged.
     pub samples: usize,
+    /// RSS at the first of them.
     pub rss_kib_first: u64,
+    /// RSS at the last.
     pub rss_kib_last: u64,
+    /// The highest RSS among them.
     pub rss_kib_max: u64,
+    /// Descriptors at the first.
     pub fds_first: usize,
+    /// Descriptors at the last.
     pub fds_last: usize,
 }
 
+/// What a soak found, as written to `--json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct SoakReport {
+    /// How long the traffic ran.
     pub duration_s: u64,
+    /// When which process was killed.
     pub kills: Vec<String>,
+    /// Calls and streams by outcome.
     pub traffic: Tally,
+    /// Every proxy at every sample.
     pub samples: Vec<Sample>,
     /// Per proxy, over the samples of its last life (its current pid),
     /// skipping the first sample (warm-up).
     pub growth: Vec<Growth>,
+    /// "no leak" or "possible leak: …" naming the proxies.
     pub verdict: String,
 }
 
@@ -425,6 +447,7 @@ pub fn table(report: &SoakReport) -> String {
     out
 }
 
+/// Runs the soak against the mesh `args.mesh` describes and prints the report.
 pub async fn command(args: SoakArgs) -> anyhow::Result<()> {
     let mesh = read_mesh(&args.mesh)?;
     let channel = tonic::transport::Endpoint::from_shared(mesh.gateway_url.clone())?

@@ -15,6 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
+/// `minimesh bench suite`: every scenario side by side.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SuiteArgs {
     /// The minimesh binary to run proxies and the backend with (default: this one).
@@ -244,6 +245,7 @@ fn machine() -> BTreeMap<String, String> {
     m
 }
 
+/// Runs every scenario and writes results.json and results.md.
 pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     let bin = match &args.minimesh_bin {
         Some(path) => path.clone(),

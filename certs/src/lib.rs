@@ -7,9 +7,11 @@
 //! carry the ServerAuth and ClientAuth usages. Private keys are written with
 //! mode 0600.
 
-mod spiffe;
-
-pub use spiffe::{SpiffeError, SpiffeId, not_after_unix, spiffe_id_of};
+// The id type lives in its own crate so the proxy can use it without rcgen;
+// re-exported so callers of this crate keep one import.
+pub use minimesh_spiffe::{
+    DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, SpiffeError, SpiffeId, not_after_unix, spiffe_id_of,
+};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -21,31 +23,43 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
+/// The trust anchor's certificate file in a CA directory.
 pub const CA_CERT: &str = "ca.pem";
+/// The trust anchor's private key file in a CA directory (mode 0600).
 pub const CA_KEY: &str = "ca.key";
-pub const DEFAULT_TRUST_DOMAIN: &str = "minimesh.local";
-pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// Why a CA or leaf could not be made or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
+    /// `init_ca` found a CA in the directory and was not told to replace it.
     #[error("a CA already exists in {0} (pass --force to replace it)")]
     CaExists(PathBuf),
+    /// A CA file could not be read.
     #[error("reading {path}: {source}")]
     Read {
+        /// The file that could not be read.
         path: PathBuf,
+        /// What the read failed with.
         source: std::io::Error,
     },
+    /// A certificate, key or directory could not be written.
     #[error("writing {path}: {source}")]
     Write {
+        /// The file or directory that could not be written.
         path: PathBuf,
+        /// What the write failed with.
         source: std::io::Error,
     },
+    /// rcgen refused a parameter, a key or a CSR.
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// The identity asked for is not a valid SPIFFE id.
     #[error(transparent)]
     Spiffe(#[from] SpiffeError),
+    /// A validity of fewer than one day.
     #[error("validity must be at least one day, got {0}")]
     Validity(i64),
+    /// A validity that ends after the last date X.509 can hold.
     #[error("a validity of {0} days ends after the year 9999, the last date X.509 can hold")]
     ValidityTooLong(i64),
 }
@@ -131,17 +145,22 @@ pub fn init_ca(out: &Path, days: i64, force: bool) -> Result<(), CertsError> {
 /// What to issue.
 #[derive(Debug, Clone)]
 pub struct LeafRequest {
+    /// The service account name, the id's last segment (e.g. `order`).
     pub name: String,
+    /// The namespace segment of the id.
     pub namespace: String,
+    /// The trust domain of the id.
     pub trust_domain: String,
     /// Extra DNS SANs beyond the Kubernetes Service names and localhost.
     pub dns: Vec<String>,
     /// Validity window; `None` means from now for `days`.
     pub window: Option<(OffsetDateTime, OffsetDateTime)>,
+    /// Days of validity from now, when `window` is `None`.
     pub days: i64,
 }
 
 impl LeafRequest {
+    /// A request for `name` in the default namespace and trust domain, valid a year.
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
@@ -153,6 +172,7 @@ impl LeafRequest {
         }
     }
 
+    /// The SPIFFE id the leaf will carry, validated.
     pub fn spiffe_id(&self) -> Result<SpiffeId, SpiffeError> {
         SpiffeId::new(&self.trust_domain, &self.namespace, &self.name)
     }
@@ -160,7 +180,9 @@ impl LeafRequest {
 
 /// A leaf certificate and key, PEM-encoded.
 pub struct Leaf {
+    /// The certificate, PEM.
     pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8): keep it out of logs and off shared disks.
     pub key_pem: String,
 }
 
@@ -252,6 +274,7 @@ impl std::fmt::Debug for SigningCa {
 const BACKDATE: Duration = Duration::minutes(1);
 
 impl SigningCa {
+    /// A CA from its certificate and private key, both PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertsError> {
         let key = KeyPair::from_pem(key_pem)?;
         Ok(Self {
@@ -316,18 +339,6 @@ fn ttl_window(ttl: std::time::Duration) -> Result<(OffsetDateTime, OffsetDateTim
     Ok((now - BACKDATE, end))
 }
 
-/// A key pair and a CSR for `id`, for a proxy asking the issuer. The key
-/// stays in memory.
-pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, Vec<u8>), CertsError> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .subject_alt_names
-        .push(SanType::URI(id.to_string().try_into()?));
-    let csr = params.serialize_request(&key)?;
-    Ok((key.serialize_pem(), csr.der().to_vec()))
-}
-
 /// Issues a leaf and writes `NAME.pem` and `NAME.key` (0600) into `out`.
 pub fn issue(
     ca_dir: &Path,
@@ -357,8 +368,10 @@ pub enum CertsCommand {
     Issue(IssueArgs),
 }
 
+/// Arguments of `minimesh certs init`.
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
+    /// Directory to write ca.pem and ca.key into.
     #[arg(long, env = "MINIMESH_CERTS_OUT")]
     pub out: PathBuf,
     /// Days the CA is valid.
@@ -369,6 +382,7 @@ pub struct InitArgs {
     pub force: bool,
 }
 
+/// Arguments of `minimesh certs issue`.
 #[derive(Debug, clap::Args)]
 pub struct IssueArgs {
     /// Directory holding ca.pem and ca.key.
@@ -377,8 +391,10 @@ pub struct IssueArgs {
     /// Identity (service account) name, e.g. order.
     #[arg(long, env = "MINIMESH_CERT_NAME")]
     pub name: String,
+    /// Namespace segment of the identity.
     #[arg(long, env = "MINIMESH_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// Trust domain of the identity.
     #[arg(long, env = "MINIMESH_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Days the certificate is valid.
@@ -387,6 +403,7 @@ pub struct IssueArgs {
     /// Extra DNS names (repeatable).
     #[arg(long = "dns", env = "MINIMESH_CERT_DNS", value_delimiter = ',')]
     pub dns: Vec<String>,
+    /// Directory to write NAME.pem and NAME.key into.
     #[arg(long, env = "MINIMESH_CERTS_OUT")]
     pub out: PathBuf,
 }

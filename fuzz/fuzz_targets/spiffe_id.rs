@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use minimesh_certs::{SpiffeId, spiffe_id_of};
+use minimesh_spiffe::{SpiffeId, spiffe_id_of};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data)
@@ -12,5 +12,5 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(id.to_string(), text);
     }
     let _ = spiffe_id_of(data);
-    let _ = minimesh_certs::not_after_unix(data);
+    let _ = minimesh_spiffe::not_after_unix(data);
 });

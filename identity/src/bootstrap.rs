@@ -8,7 +8,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,16 +18,22 @@ pub const TOKEN_ENV: &str = "MINIMESH_BOOTSTRAP_TOKEN";
 /// Environment variable that carries the issuer's bootstrap key (hex).
 pub const KEY_ENV: &str = "MINIMESH_BOOTSTRAP_KEY";
 
+/// Why a bootstrap token or key was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
+    /// Not `v1.<claims>.<tag>` with readable claims.
     #[error("the bootstrap token is malformed")]
     Malformed,
+    /// The signature was not made with this key (or the token was altered).
     #[error("the bootstrap token's signature does not match")]
     BadSignature,
+    /// Past its expiry.
     #[error("the bootstrap token expired")]
     Expired,
+    /// Used once already: a token is good for one certificate.
     #[error("the bootstrap token was already used")]
     Replayed,
+    /// The key given is not 32 bytes in hex.
     #[error("the bootstrap key must be 64 hex digits")]
     BadKey,
 }
@@ -60,6 +66,7 @@ fn now_secs() -> u64 {
 }
 
 impl BootstrapKey {
+    /// A new random key.
     pub fn generate() -> Self {
         let bytes: [u8; 32] = rand::random();
         Self::from_bytes(&bytes)
@@ -72,6 +79,7 @@ impl BootstrapKey {
         }
     }
 
+    /// The key from the hex text `to_hex` gave (as handed to the issuer in its environment).
     pub fn from_hex(hex: &str) -> Result<Self, TokenError> {
         let hex = hex.trim();
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -84,6 +92,7 @@ impl BootstrapKey {
         Ok(Self::from_bytes(&bytes))
     }
 
+    /// The key as hex, to hand to the issuer.
     pub fn to_hex(&self) -> &str {
         &self.hex
     }
@@ -116,6 +125,7 @@ pub struct BootstrapVerifier {
 }
 
 impl BootstrapVerifier {
+    /// A verifier for tokens signed with `key`, none used yet.
     pub fn new(key: BootstrapKey) -> Self {
         Self {
             key,

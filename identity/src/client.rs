@@ -5,7 +5,7 @@
 
 use crate::pb::identity_client::IdentityClient;
 use crate::pb::{CertifyRequest, certify_request};
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use rand::Rng;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -20,20 +20,37 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The shortest time one renewal attempt is given.
 const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 
+/// Why the issuer gave no certificate.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The issuer address is not a usable URI.
     #[error("identity issuer address {addr:?}: {message}")]
-    Address { addr: String, message: String },
+    Address {
+        /// The address given.
+        addr: String,
+        /// Why it cannot be used.
+        message: String,
+    },
+    /// No answer: connect, TLS or transport failure, or a timeout. Worth retrying.
     #[error("identity issuer unreachable: {0}")]
     Unreachable(String),
+    /// The issuer answered with an error status.
     #[error("identity issuer refused: {0}")]
     Refused(tonic::Status),
+    /// The issuer's answer holds no usable certificate.
     #[error("identity issuer answered with {0}")]
     BadAnswer(String),
-    #[error(transparent)]
-    Certs(#[from] minimesh_certs::CertsError),
+    /// Making the key or the CSR failed (rcgen).
+    #[error("making the key and CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+    /// The ServiceAccount token file could not be read.
     #[error("reading the ServiceAccount token {path}: {message}")]
-    Token { path: PathBuf, message: String },
+    Token {
+        /// The token file.
+        path: PathBuf,
+        /// What the read failed with.
+        message: String,
+    },
 }
 
 impl ClientError {
@@ -43,7 +60,7 @@ impl ClientError {
             self,
             ClientError::Refused(status)
                 if matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument)
-        ) || matches!(self, ClientError::Address { .. } | ClientError::Certs(_))
+        ) || matches!(self, ClientError::Address { .. } | ClientError::Csr(_))
     }
 }
 
@@ -56,6 +73,7 @@ pub enum Credential {
     TokenFile(PathBuf),
 }
 
+/// Where the issuer is and how this proxy proves who it is.
 #[derive(Debug, Clone)]
 pub struct IssuerClientConfig {
     /// `https://host:port` of the issuer.
@@ -64,16 +82,22 @@ pub struct IssuerClientConfig {
     pub server_name: String,
     /// The trust anchor, PEM: verifies the issuer and, later, every peer.
     pub ca_pem: String,
+    /// The identity to ask a certificate for.
     pub identity: SpiffeId,
+    /// What proves the identity on the first request.
     pub credential: Credential,
 }
 
 /// A certificate the issuer gave, with the key it certifies.
 #[derive(Clone)]
 pub struct Issued {
+    /// The certificate chain, leaf first, PEM.
     pub chain_pem: String,
+    /// The private key made for it, PEM; it never leaves memory.
     pub key_pem: String,
+    /// When the certificate was asked for (the start of its useful life here).
     pub issued_at: SystemTime,
+    /// The certificate's notAfter.
     pub expires_at: SystemTime,
 }
 
@@ -96,6 +120,18 @@ impl Issued {
         let share = RENEW_AT + rng.random_range(-JITTER..=JITTER);
         self.issued_at + lifetime.mul_f64(share)
     }
+}
+
+/// A key pair and a CSR for `id`; the key stays in memory. Only the key
+/// matters to the issuer, which decides the certificate's names itself.
+fn new_key_and_csr(id: &SpiffeId) -> Result<(String, Vec<u8>), rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(id.to_string().try_into()?));
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
 /// Asks the issuer once, within `limit` in all (connect, TLS, answer): a
@@ -152,7 +188,7 @@ pub async fn certify(
         }
         (Credential::Bootstrap(_), Some(_)) => None,
     };
-    let (key_pem, csr) = minimesh_certs::new_key_and_csr(&config.identity)?;
+    let (key_pem, csr) = new_key_and_csr(&config.identity)?;
     let issued_at = SystemTime::now();
     let response = IdentityClient::new(channel)
         .certify(CertifyRequest {

@@ -8,7 +8,8 @@ use crate::bootstrap::{BootstrapKey, BootstrapVerifier};
 use crate::pb::identity_server::{Identity, IdentityServer};
 use crate::pb::{CertifyRequest, CertifyResponse, certify_request::Credential};
 use crate::tokenreview::TokenReviewer;
-use minimesh_certs::{SigningCa, SpiffeId, spiffe_id_of};
+use minimesh_certs::SigningCa;
+use minimesh_spiffe::{SpiffeId, spiffe_id_of};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ pub const MIN_TTL: Duration = Duration::from_secs(10);
 /// Lifetime of the issuer's own serving certificate (it is re-made at every start).
 const SERVING_CERT_TTL: Duration = Duration::from_secs(397 * 24 * 3600);
 
+/// `minimesh identity`: where to listen, the CA to sign with, and how to authenticate proxies.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IssuerArgs {
     /// gRPC (TLS) listener for certificate requests.
@@ -33,7 +35,7 @@ pub struct IssuerArgs {
     #[arg(long, env = "MINIMESH_CA_KEY")]
     pub ca_key: PathBuf,
     /// The trust domain every issued identity belongs to.
-    #[arg(long, env = "MINIMESH_TRUST_DOMAIN", default_value = minimesh_certs::DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, env = "MINIMESH_TRUST_DOMAIN", default_value = minimesh_spiffe::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Lifetime of every workload certificate.
     #[arg(long, env = "MINIMESH_CERT_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
@@ -82,30 +84,44 @@ pub struct IssuerArgs {
     pub service_account_prefix: String,
 }
 
+/// Why the issuer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
+    /// The CA or a credential file could not be read.
     #[error("reading {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What the read failed with.
         source: std::io::Error,
     },
+    /// The CA could not be loaded or its serving certificate made.
     #[error(transparent)]
     Certs(#[from] minimesh_certs::CertsError),
+    /// The bootstrap key is not valid.
     #[error(transparent)]
     Bootstrap(#[from] crate::bootstrap::TokenError),
+    /// The TokenReview client could not be set up.
     #[error(transparent)]
     Review(#[from] crate::tokenreview::ReviewError),
+    /// Neither a bootstrap key nor a Kubernetes API was given.
     #[error("no way to authenticate proxies: give a bootstrap key or a Kubernetes API")]
     NoAuthenticator,
+    /// The certificate lifetime is shorter than renewal can work with.
     #[error("--cert-ttl must be at least {MIN_TTL:?}")]
     TtlTooShort,
+    /// The trust domain is not a valid SPIFFE segment.
     #[error("trust domain: {0}")]
     TrustDomain(String),
+    /// The listener could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: String,
+        /// What the bind failed with.
         source: std::io::Error,
     },
+    /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -141,6 +157,7 @@ fn read(path: &PathBuf) -> Result<String, IssuerError> {
 }
 
 impl Issuer {
+    /// The issuer from its arguments; `outcome` is called with the result of every request (metrics).
     pub fn new(args: &IssuerArgs, outcome: Outcome) -> Result<Self, IssuerError> {
         if args.cert_ttl < MIN_TTL {
             return Err(IssuerError::TtlTooShort);
@@ -242,7 +259,7 @@ impl Issuer {
         let wanted: SpiffeId = request
             .identity
             .parse()
-            .map_err(|e: minimesh_certs::SpiffeError| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e: minimesh_spiffe::SpiffeError| Status::invalid_argument(e.to_string()))?;
         if wanted.trust_domain != self.trust_domain {
             return Err(Status::invalid_argument(format!(
                 "{wanted} is outside the trust domain {}",

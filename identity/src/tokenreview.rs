@@ -12,24 +12,44 @@ use std::time::Duration;
 
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a ServiceAccount token could not be checked or was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ReviewError {
+    /// The API server address is not usable.
     #[error("the Kubernetes API address {0:?} is not an https:// URL with a host")]
     BadUrl(String),
+    /// The CA or the issuer's own token could not be read.
     #[error("reading {path}: {message}")]
-    Read { path: PathBuf, message: String },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the read failed with.
+        message: String,
+    },
+    /// The TLS client for the API server could not be built.
     #[error("TLS setup for the Kubernetes API: {0}")]
     Tls(String),
+    /// No answer from the API server.
     #[error("the Kubernetes API could not be reached: {0}")]
     Unreachable(String),
+    /// The API server refused the review (e.g. no RBAC to create TokenReviews).
     #[error("the Kubernetes API answered {status}: {body}")]
-    Refused { status: u16, body: String },
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The response body, for the log.
+        body: String,
+    },
+    /// The answer is not a TokenReview status.
     #[error("the TokenReview answer could not be read: {0}")]
     BadAnswer(String),
+    /// The API server did not authenticate the token.
     #[error("the token was not authenticated{0}")]
     NotAuthenticated(String),
+    /// The token is not meant for the issuer.
     #[error("the token is not bound to the audience {0:?}")]
     WrongAudience(String),
+    /// The token is a user's, not a ServiceAccount's.
     #[error("the token belongs to {0:?}, not to a ServiceAccount")]
     NotServiceAccount(String),
 }
@@ -49,7 +69,9 @@ impl ReviewError {
 /// The namespace and name of the ServiceAccount a token proves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceAccount {
+    /// The ServiceAccount's namespace.
     pub namespace: String,
+    /// The ServiceAccount's name: the identity the proxy may have.
     pub name: String,
 }
 

@@ -4,10 +4,11 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use minimesh_certs::{SigningCa, SpiffeId, init_ca, spiffe_id_of};
+use minimesh_certs::{SigningCa, init_ca};
 use minimesh_identity::bootstrap::BootstrapKey;
 use minimesh_identity::client::{ClientError, Credential, IssuerClientConfig, certify};
 use minimesh_identity::issuer::{Issuer, IssuerArgs, serve};
+use minimesh_spiffe::{SpiffeId, spiffe_id_of};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};

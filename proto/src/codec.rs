@@ -7,6 +7,7 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
+/// The shop's codec: prost encoding, with undecodable requests answered INVALID_ARGUMENT.
 #[derive(Debug, Clone)]
 pub struct ShopCodec<T, U> {
     _types: PhantomData<(T, U)>,
@@ -39,6 +40,7 @@ where
     }
 }
 
+/// prost's decoder, with decode errors turned into INVALID_ARGUMENT.
 #[derive(Debug)]
 pub struct InvalidArgumentDecoder<U>(ProstDecoder<U>);
 

@@ -56,6 +56,7 @@ impl IdentityArgs {
     }
 }
 
+/// `minimesh sidecar`: the proxy beside one service.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SidecarArgs {
     /// The local service this sidecar fronts (user, order or payment).
@@ -89,10 +90,13 @@ pub struct SidecarArgs {
     /// Validate the configuration, print it resolved as JSON, and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// How the proxy gets its certificate: files or the identity issuer.
     #[command(flatten)]
     pub identity: IdentityArgs,
+    /// Timeouts, retries and ejection for every upstream.
     #[command(flatten)]
     pub traffic: TrafficArgs,
+    /// Connection and stream limits of the listeners.
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -101,6 +105,7 @@ pub struct SidecarArgs {
 /// (`window::MAX_STREAMS`).
 pub const DEFAULT_MAX_APP_STREAMS: u32 = crate::window::MAX_STREAMS;
 
+/// `minimesh gateway`: the proxy at the edge of the mesh.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
     /// Edge listener for callers outside the mesh: h2c, or TLS with --tls-cert.
@@ -133,10 +138,13 @@ pub struct GatewayArgs {
     /// Validate the configuration, print it resolved as JSON, and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// How the gateway gets its certificate: files or the identity issuer.
     #[command(flatten)]
     pub identity: IdentityArgs,
+    /// Timeouts, retries and ejection for every upstream.
     #[command(flatten)]
     pub traffic: TrafficArgs,
+    /// Connection and stream limits of the listeners.
     #[command(flatten)]
     pub limits: Limits,
 }

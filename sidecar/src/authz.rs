@@ -1,6 +1,6 @@
 //! Who may call this service: an allow-list of caller identities.
 
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 
 /// Allowed callers: short names (`order`, resolved in this proxy's trust
 /// domain and namespace) or full SPIFFE URIs.
@@ -10,11 +10,13 @@ pub struct AllowList {
 }
 
 impl AllowList {
+    /// The list from short names (`order`, completed with the trust domain and
+    ///  namespace) or full SPIFFE URIs.
     pub fn new(
         entries: &[String],
         trust_domain: &str,
         namespace: &str,
-    ) -> Result<Self, minimesh_certs::SpiffeError> {
+    ) -> Result<Self, minimesh_spiffe::SpiffeError> {
         let ids = entries
             .iter()
             .map(|entry| {
@@ -28,10 +30,12 @@ impl AllowList {
         Ok(Self { ids })
     }
 
+    /// Whether `caller` is on the list.
     pub fn allows(&self, caller: &SpiffeId) -> bool {
         self.ids.iter().any(|id| id == caller)
     }
 
+    /// The identities on the list, for the config dump.
     pub fn entries(&self) -> &[SpiffeId] {
         &self.ids
     }

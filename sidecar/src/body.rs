@@ -5,12 +5,14 @@ use http::{HeaderValue, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 
+/// The error type of every body the proxy passes along.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Every body the proxy sends: streamed straight through from the other side,
 /// or a small one it made itself. Boxed so both directions share one type.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
+/// Boxes any body into a [`ProxyBody`].
 pub fn boxed<B>(body: B) -> ProxyBody
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -19,6 +21,7 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// An empty body, for answers that carry only headers.
 pub fn empty() -> ProxyBody {
     boxed(http_body_util::Empty::<Bytes>::new())
 }

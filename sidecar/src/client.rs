@@ -9,32 +9,51 @@ use crate::tls::{Reloader, server_name};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
+/// How a connection to an endpoint is made.
 #[derive(Clone)]
 pub enum Transport {
+    /// h2c, for the local application.
     Plain,
+    /// mTLS to a mesh peer, which must present `expected`.
     Mesh {
+        /// This proxy's current client configuration.
         tls: Arc<Reloader>,
+        /// The identity the peer's certificate must carry.
         expected: SpiffeId,
     },
 }
 
+/// Why a call could not be sent, and whether it may be retried.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// No connection could be made; the request was not sent.
     #[error("cannot connect to {addr}: {message}")]
-    Connect { addr: SocketAddr, message: String },
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What the connect or handshake failed with.
+        message: String,
+    },
     /// The peer refused the stream before processing it.
     #[error("{addr} refused the stream")]
-    Refused { addr: SocketAddr },
+    Refused {
+        /// The endpoint.
+        addr: SocketAddr,
+    },
     /// The call failed after it may have reached the peer.
     #[error("call to {addr} failed: {message}")]
-    Failed { addr: SocketAddr, message: String },
+    Failed {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What the call failed with.
+        message: String,
+    },
 }
 
 impl SendError {
@@ -44,6 +63,7 @@ impl SendError {
     }
 }
 
+/// One HTTP/2 connection to one endpoint, made on first use and again after it fails.
 pub struct Connection {
     addr: SocketAddr,
     transport: Transport,
@@ -65,6 +85,7 @@ fn refused_stream(err: &hyper::Error) -> bool {
 }
 
 impl Connection {
+    /// A connection to `addr`, not yet open.
     pub fn new(
         addr: SocketAddr,
         transport: Transport,
@@ -80,6 +101,7 @@ impl Connection {
         }
     }
 
+    /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -8,30 +8,53 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file could not be read.
     #[error("reading config file {path}: {source}")]
     Read {
+        /// The config file.
         path: PathBuf,
+        /// What the read failed with.
         source: std::io::Error,
     },
+    /// The config file is not valid YAML/JSON of the expected shape.
     #[error("parsing config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// An upstream given as a flag is not `SERVICE=HOST:PORT[,HOST:PORT…]`.
     #[error("upstream {0:?} is not SERVICE=HOST:PORT[,HOST:PORT…]")]
     Upstream(String),
+    /// An upstream's endpoints are not valid.
     #[error("upstream {service}: {source}")]
     Target {
+        /// The upstream's name.
         service: String,
+        /// What is wrong with its endpoints.
         source: minimesh_traffic::discover::TargetError,
     },
+    /// A required setting is missing (named).
     #[error("{0} is required (flag, environment variable or config file)")]
     Missing(&'static str),
+    /// An allow-list entry is not a valid identity.
     #[error("allow-list: {0}")]
-    Allow(#[from] minimesh_certs::SpiffeError),
+    Allow(#[from] minimesh_spiffe::SpiffeError),
+    /// A route given as a flag is not `PREFIX=UPSTREAM`.
     #[error("{0}")]
     Route(String),
+    /// A route names an upstream that is not configured.
     #[error("route {prefix:?} goes to {upstream:?}, which is not a configured upstream")]
-    RouteTarget { prefix: String, upstream: String },
+    RouteTarget {
+        /// The route's path prefix.
+        prefix: String,
+        /// The upstream it names.
+        upstream: String,
+    },
 }
 
 /// The file format (every key optional). `--check-config` prints the
@@ -39,24 +62,33 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileConfig {
+    /// The local service this sidecar fronts (its identity's name).
     pub service: Option<String>,
+    /// The mesh's trust domain.
     pub trust_domain: Option<String>,
+    /// The namespace of this proxy's identity.
     pub namespace: Option<String>,
+    /// Caller identities allowed in: short names or SPIFFE URIs.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Upstreams by name: where calls to each go.
     #[serde(default)]
     pub upstreams: BTreeMap<String, FileUpstream>,
     /// gRPC path prefixes (`shop.payment.`) to upstream names.
     #[serde(default)]
     pub routes: BTreeMap<String, String>,
+    /// Connect and per-try timeouts.
     #[serde(default)]
     pub timeouts: FileTimeouts,
+    /// The retry budget and attempt limit.
     #[serde(default)]
     pub retries: FileRetries,
+    /// When an endpoint is ejected, and for how long.
     #[serde(default)]
     pub ejection: FileEjection,
 }
 
+/// Where one upstream's endpoints are: a DNS name or a fixed list.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileUpstream {
@@ -68,31 +100,44 @@ pub struct FileUpstream {
     pub endpoints: Vec<String>,
 }
 
+/// Timeouts in the config file (milliseconds).
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileTimeouts {
+    /// Longest wait for response headers from one attempt.
     pub per_try_ms: Option<u64>,
+    /// TCP and TLS connect timeout.
     pub connect_ms: Option<u64>,
 }
 
+/// The retry settings in the config file.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileRetries {
+    /// Retries allowed as a share of requests.
     pub budget_percent: Option<f32>,
+    /// Retries allowed per second whatever the request rate.
     pub min_per_second: Option<u32>,
+    /// Attempts per call, the first included.
     pub max_attempts: Option<u32>,
 }
 
+/// The ejection settings in the config file.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileEjection {
+    /// Failures in a row that eject an endpoint.
     pub consecutive_failures: Option<u32>,
+    /// First ejection's length (milliseconds); it grows with each ejection.
     pub base_ms: Option<u64>,
+    /// Longest ejection (milliseconds).
     pub max_ms: Option<u64>,
+    /// Most endpoints of one upstream ejected at once, in percent.
     pub max_percent: Option<u32>,
 }
 
 impl FileConfig {
+    /// Reads a YAML or JSON config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -158,6 +203,7 @@ pub struct TrafficArgs {
 }
 
 impl TrafficArgs {
+    /// The traffic policy from these flags, then the file, then the defaults.
     pub fn policy(&self, file: &FileConfig) -> TrafficPolicy {
         let mut policy = TrafficPolicy {
             per_try_timeout: self

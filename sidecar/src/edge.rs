@@ -11,17 +11,32 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
+/// Why the edge certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeTlsError {
+    /// A certificate or key file could not be read.
     #[error("reading {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What the read failed with.
         source: std::io::Error,
     },
+    /// The certificate file holds no certificate.
     #[error("{path} holds no PEM certificate")]
-    NoCertificate { path: PathBuf },
+    NoCertificate {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// The key file holds no usable private key.
     #[error("{path} holds no PEM private key: {message}")]
-    NoKey { path: PathBuf, message: String },
+    NoKey {
+        /// The key file.
+        path: PathBuf,
+        /// What the PEM reader said.
+        message: String,
+    },
+    /// rustls refused the certificate or key.
     #[error("edge TLS: {0}")]
     Tls(#[from] rustls::Error),
 }

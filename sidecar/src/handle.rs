@@ -17,7 +17,7 @@ use crate::route::{Routes, Via};
 use crate::upstream::{CallReport, Upstream};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use minimesh_telemetry::status::{StatusBody, grpc_message, grpc_status, on_end};
 use minimesh_telemetry::trace::{continue_trace, inject_trace, record_ids, record_status};
 use prometheus_client::metrics::gauge::Gauge;

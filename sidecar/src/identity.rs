@@ -5,8 +5,8 @@
 use crate::metrics::Metrics;
 use crate::server::{IdentityArgs, SidecarError};
 use crate::tls::{Reloader, TlsConfigs, TlsError, TlsFiles};
-use minimesh_certs::SpiffeId;
 use minimesh_identity::client::{self, Credential, Issued, IssuerClientConfig};
+use minimesh_spiffe::SpiffeId;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,18 +15,29 @@ const TLS_POLL: Duration = Duration::from_secs(1);
 /// How long a starting proxy waits for its first certificate.
 const FIRST_CERTIFICATE_PATIENCE: Duration = Duration::from_secs(60);
 
+/// Why the proxy has no identity to start with.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// The CA file could not be read.
     #[error("reading the trust anchor {path}: {message}")]
-    TrustAnchor { path: String, message: String },
+    TrustAnchor {
+        /// The CA file.
+        path: String,
+        /// What the read failed with.
+        message: String,
+    },
+    /// An issuer was given but nothing to prove who this proxy is.
     #[error(
         "--identity-addr needs a credential: --identity-token-file or MINIMESH_BOOTSTRAP_TOKEN"
     )]
     NoCredential,
+    /// Neither certificate files nor an issuer were given.
     #[error("--cert and --key are needed unless --identity-addr is given")]
     NoFiles,
+    /// The service, trust domain or namespace make no valid SPIFFE id.
     #[error("the identity {0}: {1}")]
-    Name(String, minimesh_certs::SpiffeError),
+    Name(String, minimesh_spiffe::SpiffeError),
+    /// The issuer gave no certificate.
     #[error("no certificate from the identity issuer: {0}")]
     Issuer(#[from] client::ClientError),
 }

@@ -6,9 +6,9 @@
 //! - [`route`]: `:authority` or a configured path prefix → upstream (no protos);
 //! - [`client`]: one HTTP/2 connection per endpoint;
 //! - [`upstream`]: discovery, balancing, ejection, retries and deadlines for
-//!   one upstream (policy from `minimesh-traffic`);
+//!   one upstream (policy from `minimesh-traffic`, including its `replay`
+//!   body: a request kept up to a cap so a call can be sent again);
 //! - [`body`]: streaming bodies and the proxy's own gRPC answers;
-//! - [`replay`]: a request body kept (up to a cap) so a call can be sent again;
 //! - [`metrics`], [`admin`]: Prometheus series and `/live`, `/ready`, `/metrics`;
 //! - [`listener`]: the one accept loop, its limits, and HTTP/2 serving;
 //! - [`handle`]: what the inbound, outbound and gateway listeners do with a call;
@@ -28,7 +28,6 @@ mod handle;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
-pub mod replay;
 mod resolve;
 pub mod route;
 pub mod server;
@@ -46,6 +45,7 @@ pub mod upstream;
 /// so they cannot starve the other calls multiplexed on it (a connection of
 /// 1 MiB froze every call after four stalled 256 KiB streams).
 pub mod window {
+    /// Per-stream window: what one stalled stream can hold buffered.
     pub const STREAM: u32 = 256 * 1024;
     /// Concurrent streams per connection, in both directions.
     pub const MAX_STREAMS: u32 = 256;

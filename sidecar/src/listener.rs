@@ -11,7 +11,7 @@ use crate::tls::{Reloader, peer_identity};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -127,8 +127,11 @@ impl Drop for CallGuard {
 /// What a connection's task gets: its activity, the limits, and the stop signal.
 #[derive(Debug)]
 pub struct Connection {
+    /// Calls in flight on this connection, and when it last had one (idle close).
     pub activity: Arc<Activity>,
+    /// The limits this connection is served with.
     pub limits: Limits,
+    /// Turns true when the listener stops: finish in-flight calls and close.
     pub stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 }

@@ -9,23 +9,35 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
+/// Labels of `minimesh_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
+    /// `inbound` or `outbound`.
     pub direction: &'static str,
+    /// The gRPC service called (or `unrouted`).
     pub service: String,
+    /// The gRPC method called (or `unrouted`).
     pub method: String,
+    /// The final gRPC status code, as a number.
     pub grpc_status: String,
+    /// The caller's identity name (`gateway`, `order`, …).
     pub client_id: String,
 }
 
+/// Labels of `minimesh_request_duration_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
+    /// `inbound` or `outbound`.
     pub direction: &'static str,
+    /// The gRPC service called (or `unrouted`).
     pub service: String,
+    /// The gRPC method called (or `unrouted`).
     pub method: String,
+    /// The caller's identity name (`gateway`, `order`, …).
     pub client_id: String,
 }
 
+/// Labels every series of one proxy carries: what it is and what it fronts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabels {
     /// `sidecar` or `gateway`.
@@ -34,18 +46,25 @@ pub struct ProxyLabels {
     pub service: String,
 }
 
+/// Labels of the per-upstream counters (retries, ejections).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
+    /// `inbound` or `outbound`.
     pub direction: &'static str,
+    /// The upstream (or local service) concerned.
     pub service: String,
 }
 
+/// Labels of the per-direction series (TLS failures, open connections).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
+    /// `inbound` or `outbound`.
     pub direction: &'static str,
 }
 
+/// The `direction` of calls coming into the proxy's local service.
 pub const INBOUND: &str = "inbound";
+/// The `direction` of calls going out to the mesh.
 pub const OUTBOUND: &str = "outbound";
 /// The `service` and `method` label of calls that were not forwarded (no
 /// route, refused caller): a raw path would let any client mint series.
@@ -55,7 +74,9 @@ pub const UNROUTED: &str = "unrouted";
 /// the call goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallName {
+    /// The gRPC service, e.g. `shop.order.v1.OrderService`.
     pub service: String,
+    /// The method, e.g. `CreateOrder`.
     pub method: String,
 }
 
@@ -66,6 +87,7 @@ impl CallName {
         Self { service, method }
     }
 
+    /// The labels of a call that was not forwarded.
     pub fn unrouted() -> Self {
         Self {
             service: UNROUTED.to_owned(),
@@ -74,6 +96,7 @@ impl CallName {
     }
 }
 
+/// The proxy's Prometheus registry and every series it records.
 pub struct Metrics {
     registry: Registry,
     requests: Family<CallLabels, Counter>,
@@ -87,8 +110,10 @@ pub struct Metrics {
     renewals: Family<ResultLabels, Counter>,
 }
 
+/// Labels of `minimesh_identity_renewals_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
+    /// `ok` or `error`.
     pub result: &'static str,
 }
 
@@ -218,6 +243,7 @@ impl Metrics {
         self.certificate_expiry.set(unix);
     }
 
+    /// Counts one certificate renewal attempt.
     pub fn renewal(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.renewals.get_or_create(&ResultLabels { result }).inc();
@@ -252,6 +278,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one retry to `upstream`.
     pub fn retry(&self, direction: &'static str, upstream: &str) {
         self.retries
             .get_or_create(&ServiceLabels {
@@ -261,6 +288,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one endpoint ejection in `upstream`.
     pub fn ejection(&self, direction: &'static str, upstream: &str) {
         self.ejections
             .get_or_create(&ServiceLabels {
@@ -270,6 +298,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one failed TLS handshake.
     pub fn tls_failure(&self, direction: &'static str) {
         self.tls_failures
             .get_or_create(&DirectionLabels { direction })
@@ -298,6 +327,7 @@ impl Metrics {
     }
 }
 
+/// Counts a connection in `minimesh_open_connections` until dropped.
 pub struct ConnectionGuard {
     metrics: Arc<Metrics>,
     direction: &'static str,

@@ -9,7 +9,7 @@ use crate::metrics::{Metrics, OUTBOUND};
 use crate::server::SidecarError;
 use crate::tls::Reloader;
 use crate::upstream::{TrafficPolicy, Upstream};
-use minimesh_certs::SpiffeId;
+use minimesh_spiffe::SpiffeId;
 use minimesh_traffic::discover::{self, HostsFileResolver, Resolve, SystemResolver};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,12 +49,12 @@ pub(crate) fn naming(identity: &IdentityArgs, file: &FileConfig) -> (String, Str
         .trust_domain
         .clone()
         .or(file.trust_domain.clone())
-        .unwrap_or_else(|| minimesh_certs::DEFAULT_TRUST_DOMAIN.to_owned());
+        .unwrap_or_else(|| minimesh_spiffe::DEFAULT_TRUST_DOMAIN.to_owned());
     let namespace = identity
         .namespace
         .clone()
         .or(file.namespace.clone())
-        .unwrap_or_else(|| minimesh_certs::DEFAULT_NAMESPACE.to_owned());
+        .unwrap_or_else(|| minimesh_spiffe::DEFAULT_NAMESPACE.to_owned());
     (trust_domain, namespace)
 }
 

@@ -6,7 +6,9 @@
 /// How a call found its upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
+    /// By the `:authority` host's first label.
     Authority,
+    /// By the longest configured path prefix.
     Route,
     /// Health and reflection at the gateway, which every service serves.
     Default,
@@ -20,6 +22,7 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The table from `(prefix, upstream)` pairs; a leading `/` is ignored.
     pub fn new(routes: impl IntoIterator<Item = (String, String)>) -> Self {
         let mut by_prefix: Vec<(String, String)> = routes
             .into_iter()
@@ -30,6 +33,7 @@ impl Routes {
         Self { by_prefix }
     }
 
+    /// The routes, longest prefix first.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
         self.by_prefix.iter().map(|(p, u)| (p.as_str(), u.as_str()))
     }

@@ -23,26 +23,39 @@ use tokio::sync::watch;
 
 pub use crate::args::{GatewayArgs, IdentityArgs, SidecarArgs};
 
+/// Why a sidecar or gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
+    /// The flags or config file are not usable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The mesh certificate or CA could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The edge certificate could not be loaded.
     #[error(transparent)]
     EdgeTls(#[from] crate::edge::EdgeTlsError),
+    /// No identity: neither files nor a certificate from the issuer.
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    /// A listener could not be bound.
     #[error("binding {what} listener to {addr}: {source}")]
     Bind {
+        /// Which listener (`inbound`, `admin`, …).
         what: &'static str,
+        /// The address asked for.
         addr: String,
+        /// What the bind failed with.
         source: std::io::Error,
     },
+    /// An address is not valid.
     #[error("{what} address {addr:?} is not HOST:PORT: {message}")]
     Addr {
+        /// Which address (`--app`, …).
         what: &'static str,
+        /// The address given.
         addr: String,
+        /// Why it is not valid.
         message: String,
     },
 }

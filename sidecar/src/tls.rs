@@ -9,7 +9,7 @@
 //! handshake; connections already open keep the configuration they started
 //! with.
 
-use minimesh_certs::{SpiffeId, spiffe_id_of};
+use minimesh_spiffe::{SpiffeId, spiffe_id_of};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -22,25 +22,39 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+/// Why the mesh TLS configuration could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A PEM file could not be read or parsed.
     #[error("reading {path}: {message}")]
-    Read { path: PathBuf, message: String },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The certificate file holds no certificate.
     #[error("{0} holds no certificate")]
     NoCertificate(PathBuf),
+    /// rustls refused the certificate, key or CA.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The peer verifier could not be built from the CA.
     #[error("certificate verifier: {0}")]
     Verifier(String),
+    /// Our own certificate carries no valid SPIFFE id.
     #[error("our own certificate: {0}")]
-    Identity(#[from] minimesh_certs::SpiffeError),
+    Identity(#[from] minimesh_spiffe::SpiffeError),
 }
 
 /// Where this proxy's mesh credentials live.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// The mesh CA certificate (PEM).
     pub ca: PathBuf,
+    /// This proxy's certificate chain (PEM).
     pub cert: PathBuf,
+    /// Its private key (PEM).
     pub key: PathBuf,
 }
 
@@ -80,6 +94,7 @@ impl std::fmt::Debug for TlsConfigs {
 }
 
 impl TlsConfigs {
+    /// Loads the files and builds both configurations.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
         let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
             path: files.key.clone(),
@@ -146,13 +161,15 @@ impl TlsConfigs {
 
     /// When this proxy's certificate expires, in seconds since the epoch.
     pub fn expires_at_unix(&self) -> Option<i64> {
-        minimesh_certs::not_after_unix(&self.chain[0]).ok()
+        minimesh_spiffe::not_after_unix(&self.chain[0]).ok()
     }
 
+    /// The identity in our own certificate.
     pub fn identity(&self) -> &SpiffeId {
         &self.identity
     }
 
+    /// The configuration inbound listeners accept mTLS with.
     pub fn server(&self) -> Arc<ServerConfig> {
         self.server.clone()
     }
@@ -391,6 +408,7 @@ impl Reloader {
         self.files.is_some()
     }
 
+    /// The configurations in force now; a reload replaces them for new connections.
     pub fn current(&self) -> Arc<TlsConfigs> {
         self.current
             .read()

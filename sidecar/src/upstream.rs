@@ -5,12 +5,12 @@
 use crate::body::{Code, ProxyBody, boxed, grpc_error};
 use crate::client::{Connection, Transport};
 use crate::metrics::Metrics;
-use crate::replay::ReplayBody;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use minimesh_traffic::deadline::Deadline;
 use minimesh_traffic::discover::Endpoints;
 use minimesh_traffic::eject::{EjectionPolicy, Transition};
 use minimesh_traffic::endpoint::{EjectionCap, EndpointPolicy, EndpointState, Outcome, choose};
+use minimesh_traffic::replay::ReplayBody;
 use minimesh_traffic::retry::{self, RetryBudget, RetryPolicy};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -19,13 +19,18 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+/// How calls to one upstream are sent: timeouts, retries, ejection, balancing.
 #[derive(Debug, Clone)]
 pub struct TrafficPolicy {
+    /// TCP and TLS connect timeout.
     pub connect_timeout: Duration,
     /// Longest wait for response headers from one attempt.
     pub per_try_timeout: Option<Duration>,
+    /// When and how often to retry.
     pub retry: RetryPolicy,
+    /// When an endpoint is ejected, and for how long.
     pub ejection: EjectionPolicy,
+    /// The latency assumed of an endpoint before its first answer (P2C).
     pub default_rtt: Duration,
     /// How fast a latency peak is forgotten. Short enough that one scheduling
     /// hiccup does not sideline an endpoint for seconds (with 10 s, three equal
@@ -47,17 +52,20 @@ impl Default for TrafficPolicy {
     }
 }
 
+/// One endpoint of an upstream: its connection and its health books.
 pub struct Endpoint {
     conn: Connection,
     state: Arc<EndpointState>,
 }
 
 impl Endpoint {
+    /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.conn.addr()
     }
 }
 
+/// One upstream: its endpoints, kept in step with discovery, and the traffic policy.
 pub struct Upstream {
     name: String,
     direction: &'static str,
@@ -73,7 +81,9 @@ pub struct Upstream {
 /// What became of one call, for the caller's span and logs.
 #[derive(Debug, Default, Clone)]
 pub struct CallReport {
+    /// Attempts made, the first included.
     pub attempts: u32,
+    /// The endpoint of the last attempt, if one was chosen.
     pub endpoint: Option<SocketAddr>,
 }
 
@@ -162,10 +172,12 @@ impl Upstream {
         self.cap.set_total(endpoints.len());
     }
 
+    /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// How many endpoints discovery knows now.
     pub fn endpoint_count(&self) -> usize {
         self.endpoints
             .read()

@@ -25,13 +25,13 @@ struct Counts {
 
 /// Every proxy's inbound counts at one moment.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub(super) struct Snapshot {
     series: BTreeMap<SeriesKey, Counts>,
 }
 
 impl Snapshot {
     /// Adds one proxy's samples (`proxy` tells proxies apart, e.g. its admin address).
-    pub fn add(&mut self, proxy: &str, samples: &[Sample]) {
+    pub(super) fn add(&mut self, proxy: &str, samples: &[Sample]) {
         let Some(to) = samples
             .iter()
             .find(|s| s.name == "minimesh_proxy" && s.label("role") == "sidecar")
@@ -72,7 +72,7 @@ impl Snapshot {
 
 /// One row of `stat` / `top`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Edge {
+pub(super) struct Edge {
     pub from: String,
     pub to: String,
     /// Set on per-method rows.
@@ -87,7 +87,7 @@ pub struct Edge {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
-pub struct Latency {
+pub(super) struct Latency {
     pub p50: Option<f64>,
     pub p95: Option<f64>,
     pub p99: Option<f64>,
@@ -95,7 +95,12 @@ pub struct Latency {
 
 /// Edges (or, with `by_method`, edge × method rows), busiest first, from two
 /// snapshots `window_s` seconds apart.
-pub fn edges(before: &Snapshot, after: &Snapshot, window_s: f64, by_method: bool) -> Vec<Edge> {
+pub(super) fn edges(
+    before: &Snapshot,
+    after: &Snapshot,
+    window_s: f64,
+    by_method: bool,
+) -> Vec<Edge> {
     #[derive(Default)]
     struct Sum {
         total: f64,
@@ -177,7 +182,7 @@ fn delta(before: Option<f64>, now: f64) -> f64 {
 /// linear interpolation inside the bucket that holds it, as Prometheus'
 /// `histogram_quantile` does: the first bucket starts at 0, and a quantile
 /// in the +Inf bucket is the largest finite bound.
-pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+pub(super) fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     let total = buckets.last()?.1;
     if total <= 0.0 || !(0.0..=1.0).contains(&q) {
         return None;

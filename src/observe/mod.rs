@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// Which proxies to read.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Targets {
+pub(crate) struct Targets {
     /// The data dir of a running `up`: its mesh.json names every proxy.
     #[arg(long, default_value = "./.minimesh", conflicts_with = "admin")]
     data_dir: PathBuf,
@@ -57,13 +57,13 @@ fn admins_of(data_dir: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Output {
+pub(crate) enum Output {
     Table,
     Json,
 }
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct StatArgs {
+pub(crate) struct StatArgs {
     #[command(flatten)]
     targets: Targets,
     /// Interval over which rates, success and latency are computed.
@@ -74,7 +74,7 @@ pub struct StatArgs {
 }
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct TopArgs {
+pub(crate) struct TopArgs {
     #[command(flatten)]
     targets: Targets,
     /// Rates cover at most this much of the most recent history.
@@ -100,7 +100,7 @@ async fn snapshot(addrs: &[String]) -> anyhow::Result<(Snapshot, Vec<String>)> {
     Ok((snapshot, errors))
 }
 
-pub async fn stat(args: StatArgs) -> anyhow::Result<()> {
+pub(crate) async fn stat(args: StatArgs) -> anyhow::Result<()> {
     let addrs = args.targets.addrs()?;
     let started = tokio::time::Instant::now();
     let (before, _) = snapshot(&addrs).await?;
@@ -124,7 +124,7 @@ pub async fn stat(args: StatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn top(args: TopArgs) -> anyhow::Result<()> {
+pub(crate) async fn top(args: TopArgs) -> anyhow::Result<()> {
     let addrs = args.targets.addrs()?;
     top::run(addrs, args.window).await
 }

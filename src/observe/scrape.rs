@@ -11,14 +11,14 @@ use std::time::Duration;
 
 /// One sample: metric name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
+pub(super) struct Sample {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub value: f64,
 }
 
 impl Sample {
-    pub fn label(&self, name: &str) -> &str {
+    pub(super) fn label(&self, name: &str) -> &str {
         self.labels.get(name).map(String::as_str).unwrap_or("")
     }
 }
@@ -26,7 +26,7 @@ impl Sample {
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// GET `http://<addr>/metrics` and parse it.
-pub async fn scrape(addr: &str) -> anyhow::Result<Vec<Sample>> {
+pub(super) async fn scrape(addr: &str) -> anyhow::Result<Vec<Sample>> {
     let body = tokio::time::timeout(SCRAPE_TIMEOUT, get(addr))
         .await
         .with_context(|| format!("scraping {addr}: no answer within {SCRAPE_TIMEOUT:?}"))??;
@@ -65,7 +65,7 @@ async fn get(addr: &str) -> anyhow::Result<String> {
 }
 
 /// Parses the classic text format (comments and blank lines skipped).
-pub fn parse(text: &str) -> anyhow::Result<Vec<Sample>> {
+pub(super) fn parse(text: &str) -> anyhow::Result<Vec<Sample>> {
     let mut samples = Vec::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.trim();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 const REFRESH: Duration = Duration::from_secs(1);
 
-pub async fn run(addrs: Vec<String>, window: Duration) -> anyhow::Result<()> {
+pub(super) async fn run(addrs: Vec<String>, window: Duration) -> anyhow::Result<()> {
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         // ratatui::init also restores the terminal if anything panics.

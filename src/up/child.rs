@@ -13,16 +13,16 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 
 /// Set in every child's environment: the child then dies with its supervisor.
-pub const SUPERVISED_ENV: &str = "MINIMESH_SUPERVISED";
+pub(crate) const SUPERVISED_ENV: &str = "MINIMESH_SUPERVISED";
 /// The line a component prints on stderr when it fails, which `up` quotes.
-pub const ERROR_PREFIX: &str = "minimesh: error: ";
+pub(crate) const ERROR_PREFIX: &str = "minimesh: error: ";
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// (child index, generation, exit status)
-pub type Exit = (usize, u64, String);
+pub(super) type Exit = (usize, u64, String);
 
 /// One supervised process: how to start it and where it is now.
-pub struct Child {
+pub(super) struct Child {
     pub name: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -45,7 +45,7 @@ pub struct Child {
 }
 
 impl Child {
-    pub fn new(
+    pub(super) fn new(
         name: String,
         args: Vec<String>,
         env: Vec<(String, String)>,
@@ -76,7 +76,7 @@ impl Child {
     }
 
     /// Gives the child a one-time token for `identity` at every start.
-    pub fn with_bootstrap(mut self, identity: String) -> Self {
+    pub(super) fn with_bootstrap(mut self, identity: String) -> Self {
         self.bootstrap = Some(identity);
         self
     }
@@ -100,7 +100,7 @@ impl Child {
     }
 
     /// The error the current start's output ends with, if any.
-    pub fn failure(&self) -> Option<String> {
+    pub(super) fn failure(&self) -> Option<String> {
         let text = read_from(&self.log, self.log_start)?;
         failure_line(&text)
     }
@@ -117,7 +117,7 @@ fn read_from(path: &Path, offset: u64) -> Option<String> {
 
 /// The child's own error line: what it printed after [`ERROR_PREFIX`], else
 /// the message of its last ERROR log record, else its last line of output.
-pub fn failure_line(output: &str) -> Option<String> {
+pub(super) fn failure_line(output: &str) -> Option<String> {
     if let Some(line) = output
         .lines()
         .rev()
@@ -142,7 +142,7 @@ pub fn failure_line(output: &str) -> Option<String> {
 /// How long a bootstrap token stays usable: enough for a slow start.
 const BOOTSTRAP_TTL: Duration = Duration::from_secs(300);
 
-pub fn spawn(
+pub(super) fn spawn(
     exe: &Path,
     child: &mut Child,
     index: usize,
@@ -224,7 +224,7 @@ pub fn spawn(
 
 /// SIGTERM to every running child, then SIGKILL to whatever is left after
 /// the grace period.
-pub async fn stop_all(children: &mut [Child], exits: &mut mpsc::UnboundedReceiver<Exit>) {
+pub(super) async fn stop_all(children: &mut [Child], exits: &mut mpsc::UnboundedReceiver<Exit>) {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     for child in children.iter_mut() {

@@ -10,15 +10,15 @@ use std::path::Path;
 /// Held for as long as this `up` runs; the kernel releases it when the
 /// process ends, however it ends, so a crashed `up` leaves no stale lock.
 #[derive(Debug)]
-pub struct DataDirLock {
+pub(super) struct DataDirLock {
     _lock: Flock<File>,
 }
 
-pub const LOCK_FILE: &str = "up.pid";
+pub(super) const LOCK_FILE: &str = "up.pid";
 
 impl DataDirLock {
     /// Takes the data dir, or fails at once naming the `up` that holds it.
-    pub fn acquire(data_dir: &Path) -> anyhow::Result<Self> {
+    pub(super) fn acquire(data_dir: &Path) -> anyhow::Result<Self> {
         let path = data_dir.join(LOCK_FILE);
         let file = OpenOptions::new()
             .read(true)

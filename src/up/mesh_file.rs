@@ -102,36 +102,36 @@ pub(super) fn mesh_json(plan: &Plan, certs: &Path) -> anyhow::Result<Vec<u8>> {
 
 /// Writes `mesh.json` atomically; remembers a failed write so the
 /// supervisor can try again until the disk takes it.
-pub struct MeshFile {
+pub(super) struct MeshFile {
     path: PathBuf,
     pending: Option<Vec<u8>>,
 }
 
 impl MeshFile {
-    pub fn new(path: PathBuf) -> Self {
+    pub(super) fn new(path: PathBuf) -> Self {
         Self {
             path,
             pending: None,
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Replaces the file with `contents`; on failure keeps them for [`Self::retry`].
-    pub fn write(&mut self, contents: Vec<u8>) -> anyhow::Result<()> {
+    pub(super) fn write(&mut self, contents: Vec<u8>) -> anyhow::Result<()> {
         self.pending = Some(contents);
         self.retry()
     }
 
     /// Whether a write is still owed.
-    pub fn is_pending(&self) -> bool {
+    pub(super) fn is_pending(&self) -> bool {
         self.pending.is_some()
     }
 
     /// Tries the owed write again.
-    pub fn retry(&mut self) -> anyhow::Result<()> {
+    pub(super) fn retry(&mut self) -> anyhow::Result<()> {
         let Some(contents) = &self.pending else {
             return Ok(());
         };
@@ -141,7 +141,7 @@ impl MeshFile {
     }
 
     /// The mesh has stopped: no file may name its dead pids.
-    pub fn remove(&mut self) {
+    pub(super) fn remove(&mut self) {
         self.pending = None;
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(tmp_path(&self.path));

@@ -24,7 +24,7 @@ mod shop;
 mod supervise;
 
 use anyhow::Context;
-pub use child::{ERROR_PREFIX, SUPERVISED_ENV};
+pub(crate) use child::{ERROR_PREFIX, SUPERVISED_ENV};
 use lock::DataDirLock;
 use minimesh_identity::bootstrap::BootstrapKey;
 use minimesh_runtime::telemetry::LogFormat;
@@ -40,7 +40,7 @@ const TRUST_DOMAIN: &str = "minimesh.local";
 const MESH_FILE_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct UpArgs {
+pub(crate) struct UpArgs {
     /// Where SQLite files, certificates, logs and mesh.json go.
     #[arg(long, env = "MINIMESH_DATA_DIR", default_value = "./.minimesh")]
     pub data_dir: PathBuf,
@@ -87,7 +87,7 @@ pub struct UpArgs {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct Replicas(BTreeMap<String, u16>);
+pub(crate) struct Replicas(BTreeMap<String, u16>);
 
 impl Replicas {
     fn of(&self, service: &str) -> u16 {
@@ -121,7 +121,7 @@ fn parse_replicas(raw: &str) -> Result<Replicas, String> {
     Ok(Replicas(map))
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;

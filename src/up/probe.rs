@@ -12,7 +12,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// How `up` tells that a child is ready.
 #[derive(Debug, Clone, Copy)]
-pub enum Probe {
+pub(super) enum Probe {
     /// gRPC health SERVING at this address (services).
     Grpc(SocketAddr),
     /// HTTP 200 from `/ready` at this admin address (sidecars, gateway).
@@ -22,7 +22,7 @@ pub enum Probe {
 }
 
 /// Whether the child answers its readiness probe now.
-pub async fn ready(probe: Probe) -> bool {
+pub(super) async fn ready(probe: Probe) -> bool {
     match probe {
         Probe::Grpc(addr) => serving(&format!("http://{addr}")).await,
         Probe::Ready(addr) => http_ok(addr, "/ready").await,
@@ -52,7 +52,7 @@ async fn http_ok(addr: SocketAddr, path: &str) -> bool {
     )
 }
 
-pub async fn serving(url: &str) -> bool {
+pub(super) async fn serving(url: &str) -> bool {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
         return false;
     };
@@ -66,7 +66,7 @@ pub async fn serving(url: &str) -> bool {
 }
 
 /// Waits until every child reports ready.
-pub async fn wait_ready(children: &[Child]) -> anyhow::Result<()> {
+pub(super) async fn wait_ready(children: &[Child]) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     for child in children {
         while !ready(child.probe).await {

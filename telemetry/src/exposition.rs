@@ -17,7 +17,9 @@ pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0;
 /// Which text format a scrape gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// The classic Prometheus text format (0.0.4).
     Prometheus,
+    /// OpenMetrics 1.0 text.
     OpenMetrics,
 }
 
@@ -44,6 +46,7 @@ impl Format {
         }
     }
 
+    /// The `content-type` of a scrape in this format.
     pub fn content_type(self) -> &'static str {
         match self {
             Format::Prometheus => PROMETHEUS_TEXT,

@@ -31,7 +31,12 @@ pub fn grpc_message(headers: &HeaderMap) -> Option<String> {
 pub enum End<'a> {
     /// With a gRPC status; `headers` are the trailers, or the headers of a
     /// trailers-only response, and hold the status and its message.
-    Status { code: u32, headers: &'a HeaderMap },
+    Status {
+        /// The `grpc-status` code.
+        code: u32,
+        /// Where it was found, with `grpc-message`.
+        headers: &'a HeaderMap,
+    },
     /// The body failed before a status.
     Failed,
     /// The body ended cleanly without a status: not valid gRPC.

@@ -32,10 +32,12 @@ pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
+/// Spans the exporter dropped because its queue was full, since start.
 pub fn dropped_spans() -> u64 {
     DROPPED_SPANS.get()
 }
 
+/// Spans handed to the exporter, since start.
 pub fn exported_spans() -> u64 {
     EXPORTED_SPANS.get()
 }
@@ -55,11 +57,15 @@ pub fn register_span_counters(registry: &mut Registry) {
     );
 }
 
+/// Why tracing could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The OTLP exporter could not be built.
     #[error("building the OTLP exporter for {endpoint}: {source}")]
     Exporter {
+        /// The OTLP endpoint given.
         endpoint: String,
+        /// What the exporter builder said.
         source: opentelemetry_otlp::ExporterBuildError,
     },
 }
@@ -67,7 +73,9 @@ pub enum TelemetryError {
 /// How log lines are written: `text` for people, `json` for machines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// One line per event, for people.
     Text,
+    /// One JSON object per event, for log collectors.
     Json,
 }
 
@@ -81,6 +89,7 @@ impl LogFormat {
         }
     }
 
+    /// The name the flag takes (`text`, `json`).
     pub fn as_str(self) -> &'static str {
         match self {
             LogFormat::Text => "text",
@@ -108,6 +117,7 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Flushes the last spans and stops the exporter.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
             && let Err(err) = provider.shutdown()

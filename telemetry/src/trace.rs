@@ -18,21 +18,27 @@ use std::task::{Context, Poll};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+/// Which side of a call a span stands for (OpenTelemetry span kind).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// The side that answers.
     Server,
+    /// The side that calls.
     Client,
 }
 
+/// A tower layer that wraps every gRPC call in a span and propagates `traceparent`.
 #[derive(Debug, Clone, Copy)]
 pub struct RpcTraceLayer {
     kind: Kind,
 }
 
 impl RpcTraceLayer {
+    /// Spans for calls served, continuing the caller's trace.
     pub fn server() -> Self {
         Self { kind: Kind::Server }
     }
+    /// Spans for calls made, injecting `traceparent` into their headers.
     pub fn client() -> Self {
         Self { kind: Kind::Client }
     }
@@ -48,6 +54,7 @@ impl<S> tower::Layer<S> for RpcTraceLayer {
     }
 }
 
+/// The service [`RpcTraceLayer`] makes.
 #[derive(Debug, Clone)]
 pub struct RpcTrace<S> {
     inner: S,
@@ -110,6 +117,8 @@ pub fn split_path(path: &str) -> (&str, &str) {
     trimmed.split_once('/').unwrap_or((trimmed, ""))
 }
 
+/// A span for a call to `path` with OpenTelemetry's RPC attributes; none for
+/// health checks, whose constant polling would drown real traffic.
 pub fn rpc_span(kind: Kind, path: &str) -> Span {
     if path.starts_with("/grpc.health.v1.Health/") {
         // Probes poll health constantly; their spans would drown real traffic.
@@ -154,6 +163,7 @@ pub struct GrpcFrames {
 }
 
 impl GrpcFrames {
+    /// Reads more bytes of the body.
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.remaining > 0 {
@@ -180,6 +190,7 @@ impl GrpcFrames {
         }
     }
 
+    /// Reads the bytes of a buffer without consuming it.
     pub fn feed_buf(&mut self, buf: &impl bytes::Buf) {
         let mut slices = [std::io::IoSlice::new(&[]); 16];
         let filled = buf.chunks_vectored(&mut slices);
@@ -188,6 +199,7 @@ impl GrpcFrames {
         }
     }
 
+    /// Messages begun so far.
     pub fn messages(&self) -> u64 {
         self.messages
     }

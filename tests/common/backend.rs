@@ -7,7 +7,7 @@ use minimesh_testpg::PgServer;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Postgres { server: PgServer, url: String },
 }
@@ -15,27 +15,27 @@ pub enum Backend {
 impl Backend {
     /// A PostgreSQL server with an empty database for the mesh; `None`
     /// when PostgreSQL is not installed (the test then skips; see `PgServer`).
-    pub async fn postgres() -> Option<Self> {
+    pub(crate) async fn postgres() -> Option<Self> {
         let server = PgServer::start()?;
         let url = server.create_database("minimesh");
         Some(Self::Postgres { server, url })
     }
 
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::Sqlite => "sqlite",
             Self::Postgres { .. } => "postgres",
         }
     }
 
-    pub fn database_url(&self) -> Option<&str> {
+    pub(crate) fn database_url(&self) -> Option<&str> {
         match self {
             Self::Sqlite => None,
             Self::Postgres { url, .. } => Some(url),
         }
     }
 
-    pub fn server(&mut self) -> &mut PgServer {
+    pub(crate) fn server(&mut self) -> &mut PgServer {
         match self {
             Self::Sqlite => panic!("no PostgreSQL server with SQLite"),
             Self::Postgres { server, .. } => server,
@@ -43,7 +43,7 @@ impl Backend {
     }
 
     /// `extra` plus the options that select this store.
-    pub fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+    pub(crate) fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = extra.to_vec();
         if let Some(url) = self.database_url() {
             args.extend(["--database-url", url]);
@@ -52,13 +52,18 @@ impl Backend {
     }
 
     /// `minimesh up` on `data_dir` with this store.
-    pub async fn start_mesh(&self, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Mesh {
+    pub(crate) async fn start_mesh(
+        &self,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Mesh {
         start_mesh_with_env(data_dir, &self.args(extra), env).await
     }
 
     /// `minimesh reconcile -o json` on this store; asserts the exit status
     /// says whether there are violations.
-    pub async fn reconcile(&self, data_dir: &Path) -> serde_json::Value {
+    pub(crate) async fn reconcile(&self, data_dir: &Path) -> serde_json::Value {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_minimesh"))
             .arg("reconcile")
             .arg("--data-dir")
@@ -89,7 +94,7 @@ impl Backend {
 
     /// Waits until every saga the mesh started has finished, then returns
     /// the reconciliation report (which must have no violations).
-    pub async fn settled_and_reconciled(
+    pub(crate) async fn settled_and_reconciled(
         &self,
         data_dir: &Path,
         within: Duration,
@@ -116,7 +121,7 @@ impl Backend {
     /// in the data dir; PostgreSQL: schema `minimesh_<service>`), every
     /// value as text (NULL as ""). Parameters are `$1`, `$2`…, each first
     /// used in that order (SQLite numbers named parameters as they appear).
-    pub async fn rows(
+    pub(crate) async fn rows(
         &self,
         data_dir: &Path,
         service: &str,
@@ -130,7 +135,7 @@ impl Backend {
     }
 
     /// Orders with more than one payment row: a double charge.
-    pub async fn orders_charged_twice(&self, data_dir: &Path) -> Vec<Vec<String>> {
+    pub(crate) async fn orders_charged_twice(&self, data_dir: &Path) -> Vec<Vec<String>> {
         self.rows(
             data_dir,
             "payment",
@@ -141,7 +146,7 @@ impl Backend {
     }
 
     /// One `i64` per row (the first column).
-    pub async fn column_i64(
+    pub(crate) async fn column_i64(
         &self,
         data_dir: &Path,
         service: &str,

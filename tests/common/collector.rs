@@ -14,7 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 /// One received span, flattened with its resource's service name.
 #[derive(Debug, Clone)]
-pub struct SpanRecord {
+pub(crate) struct SpanRecord {
     pub service: String,
     pub name: String,
     pub kind: i32,
@@ -26,7 +26,7 @@ pub struct SpanRecord {
 }
 
 impl SpanRecord {
-    pub fn attr(&self, key: &str) -> Option<&str> {
+    pub(crate) fn attr(&self, key: &str) -> Option<&str> {
         self.attributes
             .iter()
             .find(|(k, _)| k == key)
@@ -35,7 +35,7 @@ impl SpanRecord {
 }
 
 #[derive(Clone, Default)]
-pub struct Collector {
+pub(crate) struct Collector {
     spans: Arc<Mutex<Vec<SpanRecord>>>,
 }
 
@@ -90,7 +90,7 @@ impl TraceService for Collector {
 
 impl Collector {
     /// Starts the collector on an ephemeral loopback port; returns its URL.
-    pub async fn start() -> (Collector, String) {
+    pub(crate) async fn start() -> (Collector, String) {
         let collector = Collector::default();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -103,7 +103,7 @@ impl Collector {
         (collector, url)
     }
 
-    pub fn spans(&self) -> Vec<SpanRecord> {
+    pub(crate) fn spans(&self) -> Vec<SpanRecord> {
         self.spans.lock().unwrap().clone()
     }
 }

@@ -2,10 +2,10 @@
 //! loopback ports, each with its own SQLite file in a temporary directory.
 #![allow(dead_code)]
 
-pub mod backend;
-pub mod collector;
-pub mod process;
-pub mod shop;
+pub(crate) mod backend;
+pub(crate) mod collector;
+pub(crate) mod process;
+pub(crate) mod shop;
 
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::order::v1::{CreateOrderRequest, Order, OrderItem};
@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-pub struct Shop {
+pub(crate) struct Shop {
     pub user_url: String,
     pub payment_url: String,
     pub order_url: String,
@@ -53,7 +53,7 @@ fn stopper(stops: &mut Vec<oneshot::Sender<()>>) -> impl Future<Output = ()> + S
 
 /// Starts user, payment and order with the given fulfilment step.
 /// The listeners are bound before this returns, so clients can connect at once.
-pub async fn start_shop(step: Duration) -> Shop {
+pub(crate) async fn start_shop(step: Duration) -> Shop {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut stops = Vec::new();
     let (user_listener, user_url) = listener().await;
@@ -112,29 +112,29 @@ pub async fn start_shop(step: Duration) -> Shop {
 }
 
 impl Shop {
-    pub async fn users(&self) -> UserServiceClient<Channel> {
+    pub(crate) async fn users(&self) -> UserServiceClient<Channel> {
         UserServiceClient::connect(self.user_url.clone())
             .await
             .expect("connect user")
     }
-    pub async fn payments(&self) -> PaymentServiceClient<Channel> {
+    pub(crate) async fn payments(&self) -> PaymentServiceClient<Channel> {
         PaymentServiceClient::connect(self.payment_url.clone())
             .await
             .expect("connect payment")
     }
-    pub async fn orders(&self) -> OrderServiceClient<Channel> {
+    pub(crate) async fn orders(&self) -> OrderServiceClient<Channel> {
         OrderServiceClient::connect(self.order_url.clone())
             .await
             .expect("connect order")
     }
-    pub fn payment_db(&self) -> PathBuf {
+    pub(crate) fn payment_db(&self) -> PathBuf {
         self.dir.path().join("payment.db")
     }
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
-pub async fn new_user(users: &mut UserServiceClient<Channel>) -> User {
+pub(crate) async fn new_user(users: &mut UserServiceClient<Channel>) -> User {
     let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
     users
         .create_user(CreateUserRequest {
@@ -146,7 +146,7 @@ pub async fn new_user(users: &mut UserServiceClient<Channel>) -> User {
         .into_inner()
 }
 
-pub fn item(sku: &str, quantity: i32, unit_price_cents: i64) -> OrderItem {
+pub(crate) fn item(sku: &str, quantity: i32, unit_price_cents: i64) -> OrderItem {
     OrderItem {
         sku: sku.into(),
         quantity,
@@ -154,7 +154,7 @@ pub fn item(sku: &str, quantity: i32, unit_price_cents: i64) -> OrderItem {
     }
 }
 
-pub fn order_request(user_id: &str, items: Vec<OrderItem>) -> CreateOrderRequest {
+pub(crate) fn order_request(user_id: &str, items: Vec<OrderItem>) -> CreateOrderRequest {
     CreateOrderRequest {
         user_id: user_id.into(),
         items,
@@ -163,7 +163,7 @@ pub fn order_request(user_id: &str, items: Vec<OrderItem>) -> CreateOrderRequest
     }
 }
 
-pub async fn place_order(orders: &mut OrderServiceClient<Channel>, user_id: &str) -> Order {
+pub(crate) async fn place_order(orders: &mut OrderServiceClient<Channel>, user_id: &str) -> Order {
     orders
         .create_order(order_request(
             user_id,
@@ -175,7 +175,7 @@ pub async fn place_order(orders: &mut OrderServiceClient<Channel>, user_id: &str
 }
 
 /// Payments stored for an order, read from the payment database itself.
-pub fn payments_for_order(db: &std::path::Path, order_id: &str) -> i64 {
+pub(crate) fn payments_for_order(db: &std::path::Path, order_id: &str) -> i64 {
     let conn = rusqlite::Connection::open(db).expect("open payment db");
     conn.query_row(
         "SELECT count(*) FROM payments WHERE order_id = ?1",

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub const START_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A running `minimesh up`; killed (and with it every child) when dropped.
-pub struct Mesh {
+pub(crate) struct Mesh {
     pub child: Child,
     pub data_dir: PathBuf,
     pub ready_line: String,
@@ -24,16 +24,20 @@ impl Drop for Mesh {
     }
 }
 
-pub async fn start_mesh(data_dir: &Path, extra: &[&str]) -> Mesh {
+pub(crate) async fn start_mesh(data_dir: &Path, extra: &[&str]) -> Mesh {
     start_mesh_with_env(data_dir, extra, &[]).await
 }
 
-pub async fn start_mesh_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Mesh {
+pub(crate) async fn start_mesh_with_env(
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Mesh {
     spawn_mesh(data_dir, extra, env, Stdio::inherit()).await
 }
 
 /// Like [`start_mesh`], with `up`'s own stderr written to `stderr_file`.
-pub async fn start_mesh_logged(data_dir: &Path, extra: &[&str], stderr_file: &Path) -> Mesh {
+pub(crate) async fn start_mesh_logged(data_dir: &Path, extra: &[&str], stderr_file: &Path) -> Mesh {
     let file = std::fs::File::create(stderr_file).expect("create stderr file");
     spawn_mesh(data_dir, extra, &[], Stdio::from(file)).await
 }
@@ -75,14 +79,14 @@ async fn spawn_mesh(data_dir: &Path, extra: &[&str], env: &[(&str, &str)], stder
 }
 
 impl Mesh {
-    pub fn mesh_json(&self) -> Value {
+    pub(crate) fn mesh_json(&self) -> Value {
         let text =
             std::fs::read_to_string(self.data_dir.join("mesh.json")).expect("read mesh.json");
         serde_json::from_str(&text).expect("mesh.json is JSON")
     }
 
     /// Instances of one service from mesh.json.
-    pub fn instances(&self, service: &str) -> Vec<Value> {
+    pub(crate) fn instances(&self, service: &str) -> Vec<Value> {
         self.mesh_json()["instances"]
             .as_array()
             .expect("instances array")
@@ -93,7 +97,7 @@ impl Mesh {
     }
 
     /// The gateway's h2c URL.
-    pub fn gateway_url(&self) -> String {
+    pub(crate) fn gateway_url(&self) -> String {
         format!(
             "http://{}",
             self.mesh_json()["gateway"]["addr"]
@@ -103,7 +107,7 @@ impl Mesh {
     }
 
     /// A connected channel to the gateway.
-    pub async fn gateway_channel(&self) -> tonic::transport::Channel {
+    pub(crate) async fn gateway_channel(&self) -> tonic::transport::Channel {
         tonic::transport::Endpoint::from_shared(self.gateway_url())
             .expect("gateway url")
             .connect()
@@ -111,7 +115,7 @@ impl Mesh {
             .expect("connect to the gateway")
     }
 
-    pub fn app_url(&self, service: &str) -> String {
+    pub(crate) fn app_url(&self, service: &str) -> String {
         format!(
             "http://{}",
             self.instances(service)[0]["app"]
@@ -121,7 +125,7 @@ impl Mesh {
     }
 
     /// Sends SIGTERM and returns the exit status.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    pub(crate) async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running") as i32;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -135,12 +139,12 @@ impl Mesh {
     }
 }
 
-pub fn process_alive(pid: i64) -> bool {
+pub(crate) fn process_alive(pid: i64) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
 /// Polls `check` until it returns Some, or panics after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -157,7 +161,7 @@ where
     }
 }
 
-pub async fn health_serving(url: &str) -> bool {
+pub(crate) async fn health_serving(url: &str) -> bool {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let Ok(channel) = tonic::transport::Endpoint::from_shared(url.to_owned())
@@ -174,7 +178,7 @@ pub async fn health_serving(url: &str) -> bool {
 }
 
 /// Service names listed by server reflection v1alpha (what grpcurl 1.8 speaks).
-pub async fn reflected_services_v1alpha(url: &str) -> Vec<String> {
+pub(crate) async fn reflected_services_v1alpha(url: &str) -> Vec<String> {
     use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
@@ -218,7 +222,7 @@ pub async fn reflected_services_v1alpha(url: &str) -> Vec<String> {
 }
 
 /// Service names listed by server reflection (v1).
-pub async fn reflected_services(url: &str) -> Vec<String> {
+pub(crate) async fn reflected_services(url: &str) -> Vec<String> {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -253,7 +257,7 @@ pub async fn reflected_services(url: &str) -> Vec<String> {
 
 /// A TLS client acting as the mesh peer `name`: a leaf the test issues
 /// itself from the mesh CA in `ca_dir`, trusting that CA, ALPN h2.
-pub fn mesh_peer_tls(ca_dir: &Path, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
+pub(crate) fn mesh_peer_tls(ca_dir: &Path, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let leaf = minimesh_certs::issue_leaf(ca_dir, &minimesh_certs::LeafRequest::new(name))
@@ -282,7 +286,7 @@ pub fn mesh_peer_tls(ca_dir: &Path, name: &str) -> std::sync::Arc<rustls::Client
 }
 
 /// GET over HTTP/1.1 with a bound: a stopped process accepts but never answers.
-pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tokio::time::timeout(Duration::from_secs(2), async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
-pub struct Service {
+pub(crate) struct Service {
     pub name: String,
     pub route: String,
     pub upstreams: Vec<String>,
@@ -17,7 +17,7 @@ struct ShopFile {
 }
 
 /// Every service, in listed order.
-pub fn services() -> Vec<Service> {
+pub(crate) fn services() -> Vec<Service> {
     let text = include_str!("../../helm/minimesh/shop.yaml");
     serde_yaml_ng::from_str::<ShopFile>(text)
         .expect("helm/minimesh/shop.yaml parses")
@@ -25,6 +25,6 @@ pub fn services() -> Vec<Service> {
 }
 
 /// Every service's name, in listed order.
-pub fn names() -> Vec<String> {
+pub(crate) fn names() -> Vec<String> {
     services().into_iter().map(|s| s.name).collect()
 }

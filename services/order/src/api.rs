@@ -68,6 +68,7 @@ pub(crate) fn to_proto(order: OrderRecord) -> Order {
     }
 }
 
+/// `shop.order.v1.OrderService`: request validation and mapping onto [`Orders`](crate::orders::Orders).
 pub struct OrderApi {
     orders: Arc<Orders>,
 }

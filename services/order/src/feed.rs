@@ -19,6 +19,7 @@ const FEED_CAPACITY: usize = 1024;
 /// Rows read from the table per poll.
 const BATCH: u32 = 500;
 
+/// The change feed: one task tails `order_events` and fans each new event out to watchers.
 #[derive(Clone)]
 pub struct Feed {
     sender: broadcast::Sender<Arc<EventRecord>>,
@@ -57,6 +58,7 @@ impl Feed {
         Ok(feed)
     }
 
+    /// A receiver of every event committed from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRecord>> {
         self.sender.subscribe()
     }

@@ -69,22 +69,32 @@ pub struct OrderConfig {
     pub upstream_timeout: Duration,
 }
 
+/// Why the order service stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum OrderServiceError {
+    /// The database could not be opened or migrated.
     #[error("opening database {target}: {source}")]
     Db {
+        /// The `--db` given.
         target: DbTarget,
+        /// What opening failed with.
         source: minimesh_runtime::db::DbError,
     },
+    /// The change feed could not read its starting position.
     #[error("starting the change feed: {0}")]
     Feed(#[from] StoreError),
+    /// An upstream (user or payment) address is not a valid URI.
     #[error("invalid upstream address {addr:?}: {source}")]
     Upstream {
+        /// The address given.
         addr: String,
+        /// What tonic said of it.
         source: tonic::transport::Error,
     },
+    /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] grpc::ServeError),
+    /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] minimesh_runtime::metrics::MetricsError),
 }

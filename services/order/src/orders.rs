@@ -33,6 +33,7 @@ pub struct Orders {
 }
 
 impl Orders {
+    /// The domain logic over `store`, with its change feed started and its upstream clients made.
     pub async fn new(
         store: OrderStore,
         config: &OrderConfig,

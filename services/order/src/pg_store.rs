@@ -70,6 +70,7 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE orders (
 const ORDER_COLUMNS: &str = "id, user_id, total_cents, currency, status, status_reason, payment_id, created_at_ms, updated_at_ms, seq";
 const EVENT_COLUMNS: &str = "seq, order_id, status, status_reason, at_ms";
 
+/// Orders in PostgreSQL, in the service's own schema; [`OrderStore`](crate::store::OrderStore) documents each call.
 #[derive(Clone)]
 pub struct PgOrderStore {
     pg: Pg,
@@ -115,6 +116,7 @@ impl PgOrderStore {
         })
     }
 
+    /// The pool, for bounding calls by the store's health.
     pub fn pg(&self) -> &Pg {
         &self.pg
     }
@@ -307,6 +309,7 @@ impl PgOrderStore {
         }
     }
 
+    /// The PostgreSQL side of `OrderStore::create_with_id`.
     pub async fn create_with_id(
         &self,
         order: NewOrder,
@@ -408,6 +411,7 @@ impl PgOrderStore {
         }))
     }
 
+    /// The PostgreSQL side of `OrderStore::transition`.
     pub async fn transition(
         &self,
         id: String,
@@ -427,11 +431,13 @@ impl PgOrderStore {
         Ok(order.map(|order| (order, moved)))
     }
 
+    /// The PostgreSQL side of `OrderStore::get`.
     pub async fn get(&self, id: String) -> Result<Option<OrderRecord>, StoreError> {
         let client = self.client().await?;
         self.select_order(&client, "id", &id).await
     }
 
+    /// The PostgreSQL side of `OrderStore::list`.
     pub async fn list(
         &self,
         user_id: Option<String>,
@@ -466,6 +472,7 @@ impl PgOrderStore {
         Ok(orders)
     }
 
+    /// The PostgreSQL side of `OrderStore::latest_event`.
     pub async fn latest_event(&self, order_id: String) -> Result<Option<EventRecord>, StoreError> {
         let client = self.client().await?;
         let row = client
@@ -481,6 +488,7 @@ impl PgOrderStore {
         Ok(row.as_ref().map(event_from_row))
     }
 
+    /// The PostgreSQL side of `OrderStore::events_after`.
     pub async fn events_after(
         &self,
         seq: i64,
@@ -501,6 +509,7 @@ impl PgOrderStore {
         Ok(rows.iter().map(event_from_row).collect())
     }
 
+    /// The PostgreSQL side of `OrderStore::last_seq`.
     pub async fn last_seq(&self) -> Result<i64, StoreError> {
         let client = self.client().await?;
         let row = client
@@ -510,6 +519,7 @@ impl PgOrderStore {
         Ok(row.get(0))
     }
 
+    /// The PostgreSQL side of `OrderStore::advance_due`.
     pub async fn advance_due(
         &self,
         now_ms: i64,
@@ -581,6 +591,7 @@ impl PgOrderStore {
         Ok(moved)
     }
 
+    /// The PostgreSQL side of `OrderStore::claim_due`.
     pub async fn claim_due(
         &self,
         work: Work,
@@ -634,6 +645,7 @@ impl PgOrderStore {
         Ok(claimed)
     }
 
+    /// The PostgreSQL side of `OrderStore::reschedule`.
     pub async fn reschedule(&self, id: String, work: Work, at_ms: i64) -> Result<(), StoreError> {
         let filter = match work {
             Work::Settle => "status = 1",
@@ -653,6 +665,7 @@ impl PgOrderStore {
         Ok(())
     }
 
+    /// The PostgreSQL side of `OrderStore::record_payment`.
     pub async fn record_payment(
         &self,
         id: String,
@@ -679,6 +692,7 @@ impl PgOrderStore {
         self.select_order(&client, "id", &id).await
     }
 
+    /// The PostgreSQL side of `OrderStore::refund_done`.
     pub async fn refund_done(&self, order_id: String) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
@@ -691,6 +705,7 @@ impl PgOrderStore {
         Ok(())
     }
 
+    /// The PostgreSQL side of `OrderStore::facts`.
     pub async fn facts(&self) -> Result<Vec<OrderFacts>, StoreError> {
         let client = self.client().await?;
         let rows = client

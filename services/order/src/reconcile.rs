@@ -25,29 +25,42 @@ use std::collections::HashMap;
 
 /// Payment status numbers (equal to `shop.payment.v1.PaymentStatus`).
 pub mod payment_status {
+    /// The charge went through.
     pub const CAPTURED: i32 = 1;
+    /// The charge was refused; nothing was taken.
     pub const DECLINED: i32 = 2;
+    /// The charge was given back.
     pub const REFUNDED: i32 = 3;
 }
 
 /// What the check needs of one payment.
 #[derive(Debug, Clone)]
 pub struct PaymentFacts {
+    /// Its id.
     pub id: String,
+    /// The order it pays for.
     pub order_id: String,
+    /// One of the [`payment_status`] values.
     pub status: i32,
+    /// Amount in minor units.
     pub amount_cents: i64,
 }
 
+/// What the reconciliation check found.
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
+    /// Payments looked at.
     pub payments: usize,
+    /// Orders looked at.
     pub orders: usize,
+    /// Broken rules (a double charge, a paid order without its payment, …), one line each.
     pub violations: Vec<String>,
+    /// Orders still being settled or compensated: not wrong yet, only unfinished.
     pub in_flight: Vec<String>,
 }
 
 impl Report {
+    /// True when no rule is broken (work in flight is allowed).
     pub fn is_clean(&self) -> bool {
         self.violations.is_empty()
     }

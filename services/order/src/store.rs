@@ -79,12 +79,18 @@ const MIGRATIONS: &[&str] = &[
 
 /// Stored status values; equal to the proto enum numbers.
 pub mod status {
+    /// Created, its charge not settled yet.
     pub const PENDING: i32 = 1;
+    /// Charged; fulfilment starts.
     pub const PAID: i32 = 2;
+    /// On its way.
     pub const SHIPPED: i32 = 3;
+    /// Arrived (terminal).
     pub const DELIVERED: i32 = 4;
+    /// Cancelled, by the caller or a declined charge (terminal).
     pub const CANCELLED: i32 = 5;
 
+    /// Whether no status follows this one.
     pub fn is_terminal(status: i32) -> bool {
         status == DELIVERED || status == CANCELLED
     }
@@ -101,6 +107,7 @@ pub mod status {
         }
     }
 
+    /// The proto enum value's name without its prefix, e.g. `PAID`.
     pub fn name(status: i32) -> &'static str {
         match status {
             PENDING => "PENDING",
@@ -113,24 +120,39 @@ pub mod status {
     }
 }
 
+/// One line of an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemRecord {
+    /// The caller's product code.
     pub sku: String,
+    /// How many, at least 1.
     pub quantity: i32,
+    /// Price of one, minor units.
     pub unit_price_cents: i64,
 }
 
+/// An order as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderRecord {
+    /// Its id.
     pub id: String,
+    /// The user who placed it.
     pub user_id: String,
+    /// Its lines.
     pub items: Vec<ItemRecord>,
+    /// Sum of quantity × unit price, minor units.
     pub total_cents: i64,
+    /// ISO 4217 code.
     pub currency: String,
+    /// One of the [`status`] values.
     pub status: i32,
+    /// Why it is in that status (e.g. the decline reason); may be empty.
     pub status_reason: String,
+    /// The payment that paid it; empty until one did.
     pub payment_id: String,
+    /// When it was created, milliseconds since the epoch.
     pub created_at_ms: i64,
+    /// When it last changed, milliseconds since the epoch.
     pub updated_at_ms: i64,
     /// Position in commit order (the seq of the order's creation event).
     pub seq: i64,
@@ -139,20 +161,30 @@ pub struct OrderRecord {
 /// One row of the change feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRecord {
+    /// Position in the feed; grows with commit order.
     pub seq: i64,
+    /// The order that changed.
     pub order_id: String,
+    /// The status it moved to.
     pub status: i32,
+    /// Why, as stored on the order.
     pub status_reason: String,
+    /// When, milliseconds since the epoch.
     pub at_ms: i64,
 }
 
 /// A validated order, ready to store as PENDING.
 #[derive(Debug, Clone)]
 pub struct NewOrder {
+    /// The user placing it.
     pub user_id: String,
+    /// Its lines.
     pub items: Vec<ItemRecord>,
+    /// Sum of the lines, minor units.
     pub total_cents: i64,
+    /// ISO 4217 code.
     pub currency: String,
+    /// The caller's key: the same key returns the same order.
     pub idempotency_key: Option<String>,
     /// Fingerprint of the request, to tell a retry from a reused key.
     pub request_hash: String,
@@ -160,8 +192,10 @@ pub struct NewOrder {
     pub legacy_hash: Option<String>,
 }
 
+/// What `create_pending` did.
 #[derive(Debug)]
 pub enum Created {
+    /// A new order was stored.
     New(OrderRecord),
     /// An earlier request with the same idempotency key made this order.
     Existing(OrderRecord),
@@ -170,11 +204,17 @@ pub enum Created {
 /// A status change to apply only if the order is still in `from`.
 #[derive(Debug, Clone)]
 pub struct Transition {
+    /// The status it must still be in.
     pub from: i32,
+    /// The status it moves to.
     pub to: i32,
+    /// Stored as its `status_reason`.
     pub reason: String,
+    /// The payment to record on it, if any.
     pub payment_id: Option<String>,
+    /// When its next fulfilment step is due (PAID and SHIPPED only).
     pub next_step_at_ms: Option<i64>,
+    /// Whether a refund is owed after this change.
     pub refund_pending: bool,
     /// When background work on the order is next due (None: nothing owed).
     pub retry_at_ms: Option<i64>,
@@ -192,7 +232,9 @@ pub enum Work {
 /// An order claimed for background work, and how many times it was tried before.
 #[derive(Debug, Clone)]
 pub struct Claimed {
+    /// The order as claimed.
     pub order: OrderRecord,
+    /// Attempts made on it before this one.
     pub attempts: u32,
 }
 
@@ -200,8 +242,11 @@ pub struct Claimed {
 /// the lease (longer than one attempt) plus a back-off that doubles per attempt.
 #[derive(Debug, Clone, Copy)]
 pub struct Schedule {
+    /// How long a claim holds before another replica may take the order.
     pub lease_ms: i64,
+    /// Back-off after the first attempt; doubles per attempt.
     pub backoff_ms: i64,
+    /// The longest back-off.
     pub max_backoff_ms: i64,
 }
 
@@ -211,6 +256,7 @@ impl Schedule {
         now_ms + self.lease_ms + self.backoff_ms(attempts)
     }
 
+    /// The back-off after `attempts` attempts.
     pub fn backoff_ms(&self, attempts: u32) -> i64 {
         self.backoff_ms
             .saturating_mul(1i64 << attempts.min(20))
@@ -221,18 +267,27 @@ impl Schedule {
 /// What the reconciliation check needs of one order.
 #[derive(Debug, Clone)]
 pub struct OrderFacts {
+    /// Its id.
     pub id: String,
+    /// One of the [`status`] values.
     pub status: i32,
+    /// The payment recorded on it; empty if none.
     pub payment_id: String,
+    /// What it should have been charged, minor units.
     pub total_cents: i64,
+    /// Whether a refund is still owed.
     pub refund_pending: bool,
+    /// When it last changed, milliseconds since the epoch.
     pub updated_at_ms: i64,
 }
 
+/// Why an order store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The key was used for an order with other content.
     #[error("idempotency key {0:?} was already used for a different order")]
     KeyReused(String),
+    /// Storage failed.
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -363,6 +418,7 @@ fn apply(tx: &Transaction<'_>, id: &str, t: &Transition, now: i64) -> rusqlite::
 }
 
 impl SqliteOrderStore {
+    /// Opens (and migrates) the SQLite file at `path`.
     pub fn open(path: &Path) -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open(path, MIGRATIONS)?,
@@ -377,12 +433,14 @@ impl SqliteOrderStore {
         })
     }
 
+    /// A private in-memory database, for tests.
     pub fn in_memory() -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open_in_memory(MIGRATIONS)?,
         })
     }
 
+    /// The SQLite side of `OrderStore::create_with_id`.
     pub async fn create_with_id(
         &self,
         order: NewOrder,
@@ -469,6 +527,7 @@ impl SqliteOrderStore {
             .await
     }
 
+    /// The SQLite side of `OrderStore::get`.
     pub async fn get(&self, id: String) -> Result<Option<OrderRecord>, StoreError> {
         Ok(self
             .db
@@ -553,6 +612,7 @@ impl SqliteOrderStore {
             .await?)
     }
 
+    /// The SQLite side of `OrderStore::last_seq`.
     pub async fn last_seq(&self) -> Result<i64, StoreError> {
         Ok(self
             .db
@@ -791,6 +851,7 @@ macro_rules! dispatch {
 }
 
 impl OrderStore {
+    /// Opens (and migrates) the SQLite file at `path`.
     pub fn open(path: &Path) -> Result<Self, DbError> {
         Ok(Self {
             backend: Orders::Sqlite(SqliteOrderStore::open(path)?),
@@ -814,12 +875,14 @@ impl OrderStore {
         })
     }
 
+    /// A private in-memory SQLite database, for tests.
     pub fn in_memory() -> Result<Self, DbError> {
         Ok(Self {
             backend: Orders::Sqlite(SqliteOrderStore::in_memory()?),
         })
     }
 
+    /// The open backend, for health probing.
     pub fn backend(&self) -> Backend {
         match &self.backend {
             Orders::Sqlite(store) => Backend::Sqlite(store.db.clone()),
@@ -873,6 +936,7 @@ impl OrderStore {
         dispatch!(self.transition(id, transition))
     }
 
+    /// The order with `id`, if any.
     pub async fn get(&self, id: String) -> Result<Option<OrderRecord>, StoreError> {
         dispatch!(self.get(id))
     }
@@ -904,6 +968,7 @@ impl OrderStore {
         dispatch!(self.events_after(seq, order_id, limit))
     }
 
+    /// The newest position in the feed (0 when empty): where a new feed starts.
     pub async fn last_seq(&self) -> Result<i64, StoreError> {
         dispatch!(self.last_seq())
     }
@@ -962,6 +1027,7 @@ impl OrderStore {
 /// Where a ListOrders page starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cursor {
+    /// The first page.
     Start,
     /// After this commit-order position.
     Seq(i64),

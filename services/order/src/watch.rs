@@ -10,7 +10,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Status, Streaming};
 
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<OrderEvent, Status>> + Send + 'static>>;
+pub(crate) type EventStream =
+    Pin<Box<dyn Stream<Item = Result<OrderEvent, Status>> + Send + 'static>>;
 
 /// Events queued per stream before the stream's task waits for the client.
 const STREAM_BUFFER: usize = 16;
@@ -37,7 +38,7 @@ async fn resync(orders: &Orders, order_id: &str, last: &mut i64, tx: &Sender) ->
     Ok(terminal)
 }
 
-pub async fn watch_one(orders: Arc<Orders>, id: String) -> Result<EventStream, Status> {
+pub(crate) async fn watch_one(orders: Arc<Orders>, id: String) -> Result<EventStream, Status> {
     // Subscribe before reading the current status, so no change falls between.
     let mut feed = orders.feed.subscribe();
     let current = orders
@@ -86,7 +87,7 @@ pub async fn watch_one(orders: Arc<Orders>, id: String) -> Result<EventStream, S
 }
 
 /// One bidirectional stream following many orders.
-pub fn track(orders: Arc<Orders>, mut requests: Streaming<TrackRequest>) -> EventStream {
+pub(crate) fn track(orders: Arc<Orders>, mut requests: Streaming<TrackRequest>) -> EventStream {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let mut feed = orders.feed.subscribe();
     tokio::spawn(async move {

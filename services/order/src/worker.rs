@@ -29,7 +29,7 @@ const POLL: Duration = Duration::from_millis(200);
 const BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-pub fn spawn(orders: Arc<Orders>, step: Duration) -> Vec<JoinHandle<()>> {
+pub(crate) fn spawn(orders: Arc<Orders>, step: Duration) -> Vec<JoinHandle<()>> {
     vec![
         spawn_fulfilment(orders.clone(), step),
         spawn_owed(orders.clone(), Work::Settle),

@@ -51,6 +51,7 @@ const MAX_ID_LEN: usize = 128;
 /// Results a ChargeStream may have computed but not yet sent.
 const STREAM_BUFFER: usize = 32;
 
+/// `shop.payment.v1.PaymentService` over a store: validation, the charge limit, idempotency.
 pub struct PaymentApi<S> {
     store: Arc<S>,
     metrics: Arc<ServiceMetrics>,
@@ -59,6 +60,7 @@ pub struct PaymentApi<S> {
 }
 
 impl<S: PaymentStore> PaymentApi<S> {
+    /// The API over `store`, declining charges above `charge_limit_cents`.
     pub fn new(store: S, charge_limit_cents: i64) -> Self {
         Self {
             store: Arc::new(store),
@@ -68,10 +70,12 @@ impl<S: PaymentStore> PaymentApi<S> {
         }
     }
 
+    /// Its outcome counters, for the metrics listener.
     pub fn metrics(&self) -> Arc<ServiceMetrics> {
         self.metrics.clone()
     }
 
+    /// Holds every Charge this long before answering (tests of slow payments).
     pub fn with_debug_delay(mut self, delay: Option<Duration>) -> Self {
         self.debug_delay = delay;
         self
@@ -127,6 +131,7 @@ pub fn validate_charge(req: ChargeRequest, limit_cents: i64) -> Result<NewCharge
     })
 }
 
+/// The API message for a stored payment.
 pub fn to_proto(record: PaymentRecord) -> Payment {
     Payment {
         id: record.id,
@@ -278,15 +283,21 @@ pub fn service<S: PaymentStore>(api: PaymentApi<S>) -> PaymentServiceServer<Paym
         .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
 }
 
+/// Why the payment service stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PaymentServiceError {
+    /// The database could not be opened or migrated.
     #[error("opening database {target}: {source}")]
     Db {
+        /// The `--db` given.
         target: DbTarget,
+        /// What opening failed with.
         source: minimesh_runtime::db::DbError,
     },
+    /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] grpc::ServeError),
+    /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] minimesh_runtime::metrics::MetricsError),
 }

@@ -23,41 +23,62 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE payments (
 
 /// Stored status values; equal to the proto enum numbers.
 pub const CAPTURED: i32 = 1;
+/// A charge refused (over the limit): nothing was taken.
 pub const DECLINED: i32 = 2;
+/// A captured payment given back.
 pub const REFUNDED: i32 = 3;
 
+/// A payment as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentRecord {
+    /// Its id.
     pub id: String,
+    /// The order it pays for.
     pub order_id: String,
+    /// The user charged.
     pub user_id: String,
+    /// Amount in minor units of `currency`.
     pub amount_cents: i64,
+    /// ISO 4217 code.
     pub currency: String,
+    /// One of [`CAPTURED`], [`DECLINED`], [`REFUNDED`].
     pub status: i32,
+    /// Why it was declined; empty otherwise.
     pub decline_reason: String,
+    /// When it was made, milliseconds since the epoch.
     pub created_at_ms: i64,
 }
 
 /// A validated charge, ready to store.
 #[derive(Debug, Clone)]
 pub struct NewCharge {
+    /// The order it pays for.
     pub order_id: String,
+    /// The user charged.
     pub user_id: String,
+    /// Amount in minor units of `currency`.
     pub amount_cents: i64,
+    /// ISO 4217 code.
     pub currency: String,
+    /// The caller's key: the same key returns the same payment.
     pub idempotency_key: Option<String>,
     /// Set when the charge is declined.
     pub decline_reason: Option<String>,
 }
 
+/// Why a payment store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The key was used for a charge with other content.
     #[error("idempotency key {0:?} was already used for a different charge")]
     KeyReused(String),
+    /// No payment with that id.
     #[error("payment {0} not found")]
     NotFound(String),
+    /// The payment was declined, so there is nothing to refund.
     #[error("payment {0} was declined and cannot be refunded")]
     NotRefundable(String),
+    /// Storage failed.
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -88,6 +109,7 @@ pub trait PaymentStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(PaymentRecord, bool), StoreError>> + Send;
     /// Marks a captured payment refunded; refunding twice is a no-op.
     fn refund(&self, id: String) -> impl Future<Output = Result<PaymentRecord, StoreError>> + Send;
+    /// The payment with `id`, if any.
     fn get(
         &self,
         id: String,
@@ -96,12 +118,14 @@ pub trait PaymentStore: Send + Sync + 'static {
     fn all(&self) -> impl Future<Output = Result<Vec<PaymentRecord>, StoreError>> + Send;
 }
 
+/// Payments in a SQLite file.
 #[derive(Clone)]
 pub struct SqlitePaymentStore {
     db: Db,
 }
 
 impl SqlitePaymentStore {
+    /// Opens (and migrates) the SQLite file at `path`.
     pub fn open(path: &Path) -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open(path, MIGRATIONS)?,
@@ -115,6 +139,7 @@ impl SqlitePaymentStore {
         })
     }
 
+    /// A private in-memory database, for tests.
     pub fn in_memory() -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open_in_memory(MIGRATIONS)?,
@@ -270,6 +295,7 @@ const PG_MIGRATIONS: &[&str] = &["CREATE TABLE payments (
     );
     CREATE INDEX payments_by_order ON payments (order_id);"];
 
+/// Payments in PostgreSQL, in the service's own schema.
 #[derive(Clone)]
 pub struct PgPaymentStore {
     pg: Pg,
@@ -426,11 +452,14 @@ impl PaymentStore for PgPaymentStore {
 /// The store `--db` chose.
 #[derive(Clone)]
 pub enum AnyPaymentStore {
+    /// SQLite.
     Sqlite(SqlitePaymentStore),
+    /// PostgreSQL.
     Postgres(PgPaymentStore),
 }
 
 impl AnyPaymentStore {
+    /// Opens (and migrates) the store `target` names; `schema` is used on PostgreSQL.
     pub async fn open(target: &DbTarget, schema: &str) -> Result<Self, DbError> {
         Ok(match target {
             DbTarget::Sqlite(path) => AnyPaymentStore::Sqlite(SqlitePaymentStore::open(path)?),
@@ -440,6 +469,7 @@ impl AnyPaymentStore {
         })
     }
 
+    /// The open backend, for health probing.
     pub fn backend(&self) -> Backend {
         match self {
             AnyPaymentStore::Sqlite(s) => Backend::Sqlite(s.db.clone()),

@@ -11,33 +11,49 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A storage failure, from either backend.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (or its connection did).
     #[error("postgres: {}", pg_message(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// The store is marked down; calls fail fast until the probe sees it back.
     #[error("store is down: {0}")]
     Down(String),
+    /// The database URL or path is not usable.
     #[error("database configuration: {0}")]
     Config(String),
+    /// The blocking task running the query panicked or was cancelled.
     #[error("database task failed: {0}")]
     Task(String),
+    /// A thread panicked holding the SQLite connection.
     #[error("database connection lock poisoned")]
     Poisoned,
+    /// The lock that serialises first opening of a SQLite file (migrations) failed.
     #[error("waiting for another process to finish opening {path}: {source}")]
     InitLock {
+        /// The database file.
         path: String,
+        /// What the lock failed with.
         source: std::io::Error,
     },
+    /// A SQLite migration failed.
     #[error("migration {version} failed: {source}")]
     Migration {
+        /// The migration's number, counting from 1.
         version: usize,
+        /// What SQLite said.
         source: rusqlite::Error,
     },
+    /// A PostgreSQL migration failed.
     #[error("migration {version} failed: {}", pg_message(.source))]
     PgMigration {
+        /// The migration's number, counting from 1.
         version: usize,
+        /// What PostgreSQL said.
         source: tokio_postgres::Error,
     },
 }
@@ -126,6 +142,7 @@ fn is_storage_fault(err: &rusqlite::Error) -> bool {
 /// Errors that may carry a database error, so [`Db::write`] can tell a
 /// storage fault from a refusal the caller made.
 pub trait DbFailure {
+    /// The database error inside, if there is one.
     fn db_error(&self) -> Option<&DbError>;
 }
 

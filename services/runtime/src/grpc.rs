@@ -15,10 +15,13 @@ use crate::store::Backend;
 /// Largest message a service accepts or sends; larger ones get RESOURCE_EXHAUSTED.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Why a service's gRPC server stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The reflection service could not read the descriptor sets.
     #[error("building reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed to bind or serve.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }

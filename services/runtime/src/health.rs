@@ -13,6 +13,7 @@ const PROBE_UP: Duration = Duration::from_secs(1);
 /// Probe period while it is down: recovery should show within a second.
 const PROBE_DOWN: Duration = Duration::from_millis(250);
 
+/// Whether the store is up, shared by every request and the health service.
 #[derive(Clone)]
 pub struct StoreHealth {
     /// `Some(reason)` while the store is down.
@@ -27,6 +28,7 @@ impl Default for StoreHealth {
 }
 
 impl StoreHealth {
+    /// A store taken to be up until a failure says otherwise.
     pub fn new() -> Self {
         Self {
             state: Arc::new(watch::channel(None).0),
@@ -67,6 +69,7 @@ impl StoreHealth {
         self.state.borrow().clone()
     }
 
+    /// Changes of the down reason (`None` when up), for the health service.
     pub fn subscribe(&self) -> watch::Receiver<Option<String>> {
         self.state.subscribe()
     }

@@ -19,6 +19,7 @@ pub struct MessageLimitLayer {
 }
 
 impl MessageLimitLayer {
+    /// A layer refusing request messages over `limit` bytes.
     pub fn new(limit: usize) -> Self {
         Self { limit }
     }
@@ -34,6 +35,7 @@ impl<S> tower::Layer<S> for MessageLimitLayer {
     }
 }
 
+/// The service [`MessageLimitLayer`] makes.
 #[derive(Debug, Clone)]
 pub struct MessageLimit<S> {
     inner: S,

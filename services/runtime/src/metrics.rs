@@ -13,8 +13,10 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// The label of the outcome counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
+    /// The outcome, e.g. an order status or `captured`/`declined`.
     pub status: String,
 }
 
@@ -35,6 +37,7 @@ impl ServiceMetrics {
         Arc::new(Self { registry, outcomes })
     }
 
+    /// Counts one outcome.
     pub fn count(&self, status: &str) {
         self.outcomes
             .get_or_create(&StatusLabel {
@@ -75,6 +78,7 @@ fn respond(metrics: &ServiceMetrics, request: &Request<Incoming>) -> Response<Fu
     response
 }
 
+/// The metrics listener could not be bound.
 #[derive(Debug, thiserror::Error)]
 #[error("binding the metrics listener to {addr}: {source}")]
 pub struct MetricsError {

@@ -9,7 +9,9 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+/// Page size when the request asks for none.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// The largest page served; larger requests get this many.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
 /// Checks a requested page size; 0 means the default.
@@ -23,6 +25,7 @@ pub fn page_size(requested: i32) -> Result<u32, tonic::Status> {
     }
 }
 
+/// The page token that continues after `last_id`.
 pub fn encode_token(last_id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("after:{last_id}"))
 }

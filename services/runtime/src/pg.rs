@@ -102,6 +102,7 @@ impl Pg {
         Ok(pg)
     }
 
+    /// The schema this service's tables live in.
     pub fn schema(&self) -> &str {
         &self.schema
     }

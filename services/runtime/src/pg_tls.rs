@@ -12,7 +12,7 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     Disable,
     Prefer,
     Require,
@@ -22,14 +22,14 @@ pub enum SslMode {
 
 /// A URL as tokio-postgres accepts it, plus the TLS settings taken out of it.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub url: String,
     pub mode: SslMode,
     pub root_cert: Option<String>,
 }
 
 impl Settings {
-    pub fn from_url(url: &str) -> Result<Self, DbError> {
+    pub(crate) fn from_url(url: &str) -> Result<Self, DbError> {
         let (base, query) = match url.split_once('?') {
             Some((base, query)) => (base, query),
             None => (url, ""),
@@ -73,7 +73,7 @@ impl Settings {
     }
 
     /// The connector for the pool and the LISTEN connection.
-    pub fn connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
+    pub(crate) fn connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()

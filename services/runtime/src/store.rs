@@ -7,9 +7,12 @@ use crate::pg::{Pg, is_postgres_url};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Where a service keeps its data, as given to `--db`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum DbTarget {
+    /// A SQLite file.
     Sqlite(PathBuf),
+    /// A `postgres://` URL.
     Postgres(String),
 }
 
@@ -72,11 +75,14 @@ pub fn redact(url: &str) -> String {
 /// The open store behind a service, for health probing.
 #[derive(Clone)]
 pub enum Backend {
+    /// An open SQLite database.
     Sqlite(Db),
+    /// A PostgreSQL pool.
     Postgres(Pg),
 }
 
 impl Backend {
+    /// The store's health, which requests report failures to.
     pub fn health(&self) -> &StoreHealth {
         match self {
             Backend::Sqlite(db) => db.health(),
@@ -84,6 +90,7 @@ impl Backend {
         }
     }
 
+    /// One cheap query, to see whether the store is back.
     pub async fn probe(&self) -> Result<(), DbError> {
         match self {
             Backend::Sqlite(db) => db.probe().await,

@@ -37,12 +37,14 @@ pub struct UserConfig {
 const MAX_EMAIL_LEN: usize = 254;
 const MAX_NAME_CHARS: usize = 200;
 
+/// `shop.user.v1.UserService` over a store: validation, paging, error mapping.
 pub struct UserApi<S> {
     store: S,
     metrics: Arc<ServiceMetrics>,
 }
 
 impl<S: UserStore> UserApi<S> {
+    /// The API over `store`, counting outcomes in `metrics`.
     pub fn new(store: S, metrics: Arc<ServiceMetrics>) -> Self {
         Self { store, metrics }
     }
@@ -174,15 +176,21 @@ pub fn service<S: UserStore>(
         .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES)
 }
 
+/// Why the user service stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum UserServiceError {
+    /// The database could not be opened or migrated.
     #[error("opening database {target}: {source}")]
     Db {
+        /// The `--db` given.
         target: DbTarget,
+        /// What opening failed with.
         source: minimesh_runtime::db::DbError,
     },
+    /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] grpc::ServeError),
+    /// The metrics listener could not be bound.
     #[error(transparent)]
     Metrics(#[from] minimesh_runtime::metrics::MetricsError),
 }

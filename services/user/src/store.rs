@@ -14,18 +14,26 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE users (
         created_at_ms BIGINT NOT NULL
     );"];
 
+/// A user as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
+    /// Its id (UUIDv7: ordered by creation).
     pub id: String,
+    /// Its email, unique among users.
     pub email: String,
+    /// The name shown for it.
     pub display_name: String,
+    /// When it was created, milliseconds since the epoch.
     pub created_at_ms: i64,
 }
 
+/// Why a user store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The email belongs to another user.
     #[error("email {0} is already used")]
     EmailTaken(String),
+    /// Storage failed.
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -41,11 +49,13 @@ impl DbFailure for StoreError {
 
 /// What the user service needs from its storage.
 pub trait UserStore: Send + Sync + 'static {
+    /// Stores a new user; fails with `EmailTaken` when the email is in use.
     fn create(
         &self,
         email: String,
         display_name: String,
     ) -> impl Future<Output = Result<UserRecord, StoreError>> + Send;
+    /// The user with `id`, if any.
     fn get(
         &self,
         id: String,
@@ -58,18 +68,21 @@ pub trait UserStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<UserRecord>, StoreError>> + Send;
 }
 
+/// Users in a SQLite file.
 #[derive(Clone)]
 pub struct SqliteUserStore {
     db: Db,
 }
 
 impl SqliteUserStore {
+    /// Opens (and migrates) the SQLite file at `path`.
     pub fn open(path: &Path) -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open(path, MIGRATIONS)?,
         })
     }
 
+    /// A private in-memory database, for tests.
     pub fn in_memory() -> Result<Self, DbError> {
         Ok(Self {
             db: Db::open_in_memory(MIGRATIONS)?,
@@ -154,6 +167,7 @@ const PG_MIGRATIONS: &[&str] = &["CREATE TABLE users (
         created_at_ms BIGINT NOT NULL
     );"];
 
+/// Users in PostgreSQL, in the service's own schema.
 #[derive(Clone)]
 pub struct PgUserStore {
     pg: Pg,
@@ -245,11 +259,14 @@ impl UserStore for PgUserStore {
 /// The store `--db` chose.
 #[derive(Clone)]
 pub enum AnyUserStore {
+    /// SQLite.
     Sqlite(SqliteUserStore),
+    /// PostgreSQL.
     Postgres(PgUserStore),
 }
 
 impl AnyUserStore {
+    /// Opens (and migrates) the store `target` names; `schema` is used on PostgreSQL.
     pub async fn open(target: &DbTarget, schema: &str) -> Result<Self, DbError> {
         Ok(match target {
             DbTarget::Sqlite(path) => AnyUserStore::Sqlite(SqliteUserStore::open(path)?),
@@ -259,6 +276,7 @@ impl AnyUserStore {
         })
     }
 
+    /// The open backend, for health probing.
     pub fn backend(&self) -> Backend {
         match self {
             AnyUserStore::Sqlite(s) => Backend::Sqlite(s.db.clone()),

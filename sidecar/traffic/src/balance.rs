@@ -13,6 +13,7 @@ use rand::Rng;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Peak-EWMA latency of one endpoint: jumps up to a slow sample at once, decays back slowly.
 #[derive(Debug, Clone)]
 pub struct PeakEwma {
     estimate_ns: f64,
@@ -21,6 +22,7 @@ pub struct PeakEwma {
 }
 
 impl PeakEwma {
+    /// An estimate starting at `default_rtt`, forgetting peaks over about `decay`.
     pub fn new(default_rtt: Duration, decay: Duration, now: Instant) -> Self {
         Self {
             estimate_ns: default_rtt.as_nanos() as f64,

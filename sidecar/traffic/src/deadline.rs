@@ -4,6 +4,7 @@
 use http::HeaderValue;
 use std::time::Duration;
 
+/// The header a gRPC call's deadline travels in.
 pub const HEADER: &str = "grpc-timeout";
 
 /// Parses a `grpc-timeout` value; None when it is malformed.
@@ -60,6 +61,7 @@ pub struct Deadline {
 }
 
 impl Deadline {
+    /// A deadline `timeout` from now.
     pub fn after(timeout: Duration) -> Self {
         Self {
             at: tokio::time::Instant::now() + timeout,
@@ -85,15 +87,18 @@ impl Deadline {
         }
     }
 
+    /// Time left, zero once past.
     pub fn remaining(&self) -> Duration {
         self.at
             .saturating_duration_since(tokio::time::Instant::now())
     }
 
+    /// Whether the deadline has passed.
     pub fn expired(&self) -> bool {
         self.remaining().is_zero()
     }
 
+    /// The deadline as a Tokio instant, for timers.
     pub fn instant(&self) -> tokio::time::Instant {
         self.at
     }

@@ -13,21 +13,33 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// The addresses of an upstream's endpoints, ordered so changes compare cheaply.
 pub type Endpoints = BTreeSet<SocketAddr>;
 
 /// One entry of an upstream's endpoint list: an address, or a name to resolve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
+    /// A fixed address.
     Addr(SocketAddr),
-    Dns { host: String, port: u16 },
+    /// A name re-resolved on an interval (a Kubernetes headless Service).
+    Dns {
+        /// The name.
+        host: String,
+        /// The port every address gets.
+        port: u16,
+    },
 }
 
+/// Why an endpoint is not `HOST:PORT`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TargetError {
+    /// No `:PORT`.
     #[error("endpoint {0:?} is not HOST:PORT")]
     NoPort(String),
+    /// The port is not a number up to 65535.
     #[error("endpoint {0:?} has an invalid port")]
     BadPort(String),
+    /// Nothing before the `:`.
     #[error("endpoint {0:?} has an empty host")]
     EmptyHost(String),
 }
@@ -60,6 +72,7 @@ type ResolveFuture = Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>
 
 /// Turns a name into addresses.
 pub trait Resolve: Send + Sync + 'static {
+    /// The addresses of `host`, each with `port`.
     fn resolve(&self, host: &str, port: u16) -> ResolveFuture;
 }
 
@@ -82,6 +95,7 @@ impl Resolve for SystemResolver {
 /// every lookup. For tests and for pinning names without DNS.
 #[derive(Debug, Clone)]
 pub struct HostsFileResolver {
+    /// The hosts file, read again on every resolution.
     pub path: PathBuf,
 }
 

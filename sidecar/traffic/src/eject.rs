@@ -23,10 +23,14 @@ use rand::Rng;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// When an endpoint is ejected and for how long.
 #[derive(Debug, Clone)]
 pub struct EjectionPolicy {
+    /// Failures in a row that eject an endpoint.
     pub consecutive_failures: u32,
+    /// The first ejection's length; each ejection in a row doubles it.
     pub base: Duration,
+    /// The longest ejection.
     pub max: Duration,
     /// Fraction of the back-off added or taken off at random (0.0 to 1.0).
     pub jitter: f64,
@@ -63,21 +67,28 @@ impl EjectionPolicy {
     }
 }
 
+/// Where an endpoint is in the ejection cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// In rotation.
     Healthy,
     /// Out of rotation until `until`; `backoff` is how long that was.
     Ejected {
+        /// When it may be probed.
         until: Instant,
+        /// The length of this ejection.
         backoff: Duration,
     },
     /// One probe call is on its way; nothing else is routed here.
     Probing {
+        /// When the probe started.
         since: Instant,
+        /// The ejection the probe ends, should it succeed.
         backoff: Duration,
     },
 }
 
+/// Whether a call may go to an endpoint now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// Route calls to it as usual.
@@ -91,19 +102,23 @@ pub enum Admission {
 /// What an event did to the endpoint, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
+    /// Nothing changed.
     None,
     /// Taken out of rotation (again) for `backoff` after failures.
     Ejected {
+        /// How long it is out.
         backoff: Duration,
     },
     /// Its probe was cancelled by the caller: out again for the same back-off.
     ProbeCancelled {
+        /// How long it is out.
         backoff: Duration,
     },
     /// Back in rotation.
     Restored,
 }
 
+/// One endpoint's ejection state machine: failures counted, back-off, probe.
 #[derive(Debug, Clone)]
 pub struct Health {
     state: State,
@@ -123,6 +138,7 @@ impl Default for Health {
 }
 
 impl Health {
+    /// Where the endpoint is in the cycle.
     pub fn state(&self) -> State {
         self.state
     }

@@ -23,12 +23,14 @@ use tokio::time::Instant;
 /// reaches zero and its in-flight count still matters.
 const FLOOR_NS: f64 = 1_000.0;
 
+/// The per-endpoint policy of one upstream: latency estimate and ejection.
 #[derive(Debug, Clone)]
 pub struct EndpointPolicy {
     /// Latency assumed for an endpoint never heard from.
     pub default_rtt: Duration,
     /// How fast a latency peak is forgotten.
     pub decay: Duration,
+    /// When an endpoint is ejected, and for how long.
     pub ejection: EjectionPolicy,
 }
 
@@ -52,6 +54,7 @@ pub struct EjectionCap {
 }
 
 impl EjectionCap {
+    /// A cap allowing `max_percent` of the upstream's endpoints out at once.
     pub fn new(max_percent: u32) -> Arc<Self> {
         Arc::new(Self {
             max_percent: max_percent.min(100) as usize,
@@ -121,6 +124,7 @@ struct Inner {
     last_success: Option<Instant>,
 }
 
+/// One endpoint's books: health, latency, and attempts waiting on it.
 pub struct EndpointState {
     inner: Mutex<Inner>,
     policy: Arc<EndpointPolicy>,
@@ -139,6 +143,7 @@ impl std::fmt::Debug for EndpointState {
 }
 
 impl EndpointState {
+    /// Books for a new, healthy endpoint, counted in `cap`.
     pub fn new(policy: Arc<EndpointPolicy>, cap: Arc<EjectionCap>, now: Instant) -> Self {
         Self {
             inner: Mutex::new(Inner {
@@ -177,6 +182,7 @@ impl EndpointState {
         }
     }
 
+    /// Where the endpoint is in the ejection cycle.
     pub fn state(&self) -> State {
         self.lock().health.state()
     }
@@ -331,6 +337,7 @@ impl Attempt {
         self.probe
     }
 
+    /// When the attempt started, for its latency.
     pub fn started(&self) -> Instant {
         self.started
     }
@@ -365,6 +372,7 @@ impl Drop for Attempt {
 /// The endpoint an attempt goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Choice {
+    /// Its position in the list the choice was made from.
     pub index: usize,
     /// The attempt is the endpoint's probe: start it with `probe: true`.
     pub probe: bool,

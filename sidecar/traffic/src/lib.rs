@@ -12,10 +12,13 @@
 //!   endpoint per attempt (probes first, then P2C).
 //! - [`retry`]: which attempts may be retried, and the retry budget.
 //! - [`deadline`]: `grpc-timeout` parsing, formatting and propagation.
+//! - [`replay`]: a request body kept (up to a cap) while it is forwarded, so
+//!   an attempt the peer never saw can be sent again.
 
 pub mod balance;
 pub mod deadline;
 pub mod discover;
 pub mod eject;
 pub mod endpoint;
+pub mod replay;
 pub mod retry;

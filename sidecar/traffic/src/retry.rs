@@ -48,11 +48,14 @@ pub fn classify_response(headers: &HeaderMap) -> Option<Failure> {
     }
 }
 
+/// When retries may be made and how far apart.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts in all, the first one included.
     pub max_attempts: u32,
+    /// The first retry's back-off ceiling; it doubles per retry.
     pub backoff_base: Duration,
+    /// The largest back-off ceiling.
     pub backoff_max: Duration,
     /// Retries allowed as a fraction of recent requests...
     pub budget_ratio: f32,
@@ -86,6 +89,7 @@ impl RetryPolicy {
         ceiling.mul_f64(rng.random_range(0.0..=1.0))
     }
 
+    /// A fresh budget with this policy's ratio, floor and window.
     pub fn budget(&self) -> RetryBudget {
         RetryBudget(TpsBudget::new(
             self.budget_window,
@@ -102,6 +106,7 @@ impl RetryPolicy {
 pub struct RetryBudget(TpsBudget);
 
 impl RetryBudget {
+    /// Records a request, which earns a share of a retry.
     pub fn deposit(&self) {
         self.0.deposit();
     }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// A running private PostgreSQL server, stopped and removed when dropped.
 pub struct PgServer {
     bin: PathBuf,
     dir: tempfile::TempDir,
@@ -162,6 +163,7 @@ impl PgServer {
         }
     }
 
+    /// Its loopback TCP port.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -274,6 +276,7 @@ impl PgServer {
         self.paused = true;
     }
 
+    /// Continues a server stopped by `pause`.
     pub fn resume(&mut self) {
         if self.paused {
             self.signal_all(nix::sys::signal::Signal::SIGCONT);
@@ -286,6 +289,7 @@ impl PgServer {
         self.data()
     }
 
+    /// The temporary directory that holds the data and socket directories.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

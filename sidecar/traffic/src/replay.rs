@@ -10,7 +10,6 @@
 //! then the rest. Once the copy passes the cap it is dropped and no new
 //! replay can be made; an attempt already behind the head then fails.
 
-use crate::body::{BoxError, ProxyBody};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -18,7 +17,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-struct Shared {
+/// The error every attempt's body reports: the original's, or the replay's own.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body a proxy usually forwards: any body, boxed.
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+struct Shared<B> {
     /// Every data frame read from the original so far, while replay is possible.
     copy: Vec<Bytes>,
     copied_bytes: usize,
@@ -27,27 +32,30 @@ struct Shared {
     cap: usize,
     /// The copy went over the cap (or replay was given up): it is incomplete.
     capped: bool,
-    original: Option<ProxyBody>,
+    original: Option<B>,
     /// The original ended (its trailers, if any, are kept for a replay).
     ended: bool,
     trailers: Option<HeaderMap>,
 }
 
-/// One attempt's view of the request body.
-pub struct ReplayBody {
-    shared: Arc<Mutex<Shared>>,
+/// One attempt's view of the request body `B`: the first attempt reads the
+/// original, later ones the copy and then whatever of the original is left.
+pub struct ReplayBody<B = BoxBody> {
+    shared: Arc<Mutex<Shared<B>>>,
     /// Frames of the copy this attempt has sent.
     position: usize,
     trailers_sent: bool,
 }
 
 /// Makes replays while a retry is possible; dropping it frees the copy.
-pub struct Replay {
-    shared: Arc<Mutex<Shared>>,
+pub struct Replay<B = BoxBody> {
+    shared: Arc<Mutex<Shared<B>>>,
 }
 
-impl ReplayBody {
-    pub fn new(original: ProxyBody, cap: usize) -> (Self, Replay) {
+impl<B> ReplayBody<B> {
+    /// The first attempt's body and the handle that makes replays of it,
+    /// keeping a copy of at most `cap` bytes of data.
+    pub fn new(original: B, cap: usize) -> (Self, Replay<B>) {
         let shared = Arc::new(Mutex::new(Shared {
             copy: Vec::new(),
             copied_bytes: 0,
@@ -69,10 +77,10 @@ impl ReplayBody {
     }
 }
 
-impl Replay {
+impl<B> Replay<B> {
     /// The same request again from its first frame, or None when the copy
     /// is incomplete (the body was larger than the cap).
-    pub fn replay(&self) -> Option<ReplayBody> {
+    pub fn replay(&self) -> Option<ReplayBody<B>> {
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         (!shared.capped).then(|| ReplayBody {
             shared: self.shared.clone(),
@@ -88,7 +96,7 @@ impl Replay {
     }
 }
 
-impl Drop for Replay {
+impl<B> Drop for Replay<B> {
     fn drop(&mut self) {
         // No retry can come any more: stop copying and free the copy.
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,7 +105,11 @@ impl Drop for Replay {
     }
 }
 
-impl Body for ReplayBody {
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -139,7 +151,7 @@ impl Body for ReplayBody {
                 shared.original = None;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     shared.head += 1;
@@ -200,17 +212,14 @@ impl Body for ReplayBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body::boxed;
     use http_body_util::BodyExt;
 
-    fn chunks(parts: &[&'static str]) -> ProxyBody {
+    fn chunks(parts: &[&'static str]) -> BoxBody {
         let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
             .iter()
             .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
             .collect();
-        boxed(http_body_util::StreamBody::new(futures::stream::iter(
-            frames,
-        )))
+        http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
     }
 
     async fn read_all(body: ReplayBody) -> Result<String, BoxError> {

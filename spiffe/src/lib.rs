@@ -1,24 +1,44 @@
 //! SPIFFE identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<name>`.
+//!
+//! The id type, its validation, and the reading of an id and an expiry out of
+//! a DER certificate (X.509-SVID). Kept apart from `minimesh-certs` so the
+//! proxy can check identities without linking the certificate generator.
 
 use std::fmt;
 
+/// The trust domain used when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "minimesh.local";
+/// The Kubernetes-style namespace used when none is configured.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A workload identity, `spiffe://<trust_domain>/ns/<namespace>/sa/<name>`;
+/// every segment has passed validation (see [`SpiffeId::new`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
+    /// The mesh the identity belongs to, e.g. `minimesh.local`.
     pub trust_domain: String,
+    /// The namespace of the workload's service account.
     pub namespace: String,
+    /// The service account (in this mesh, the service) name, e.g. `order`.
     pub name: String,
 }
 
+/// Why a text or a certificate carries no valid SPIFFE id.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpiffeError {
+    /// The text is not of the `spiffe://TD/ns/NS/sa/NAME` shape.
     #[error("{0:?} is not a SPIFFE id of the form spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/NAME")]
     Malformed(String),
+    /// A segment is empty, too long, or holds a character outside `[a-z0-9._-]`.
     #[error("{0:?} may only hold lower-case letters, digits, '-', '.' and '_'")]
     BadSegment(String),
+    /// The certificate has no URI SAN.
     #[error("the certificate carries no SPIFFE URI SAN")]
     Missing,
+    /// The certificate has several URI SANs, which an X.509-SVID may not.
     #[error("the certificate carries {0} URI SANs; a SPIFFE identity has exactly one")]
     ManyUris(usize),
+    /// The bytes are not a DER certificate x509-parser can read.
     #[error("the certificate could not be parsed: {0}")]
     Certificate(String),
 }
@@ -37,6 +57,8 @@ fn check_segment(segment: &str) -> Result<(), SpiffeError> {
 }
 
 impl SpiffeId {
+    /// Builds an id from its segments, each of which must be non-empty, at
+    /// most 253 bytes, and only lower-case letters, digits, `-`, `.` or `_`.
     pub fn new(trust_domain: &str, namespace: &str, name: &str) -> Result<Self, SpiffeError> {
         for segment in [trust_domain, namespace, name] {
             check_segment(segment)?;
