@@ -1,0 +1,22 @@
+//! Reading series out of Prometheus text.
+
+/// The value of the first sample whose line starts with `series` (name and
+/// labels, exactly as exposed); 0 when there is none.
+pub fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The sum of every labelled sample of `name` whose labels contain all of
+/// `labels` (each as written, e.g. `service="payment"`).
+pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,84 @@
+//! Proxies run in-process on fresh loopback ports, stopped when dropped.
+
+use crate::{TestCa, free_addr, wait_listening};
+use minimesh_sidecar::config::TrafficArgs;
+use minimesh_sidecar::server::IdentityArgs;
+use minimesh_sidecar::{GatewayArgs, SidecarArgs, run_gateway, run_sidecar};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// How long a proxy may take to listen.
+const START: Duration = Duration::from_secs(10);
+
+impl TestCa {
+    /// Identity flags for a proxy running as `name`, issued by this CA.
+    pub fn identity_args(&self, name: &str) -> anyhow::Result<IdentityArgs> {
+        let (cert, key) = self.issue(name)?;
+        Ok(IdentityArgs::from_files(self.ca_pem(), cert, key))
+    }
+}
+
+/// Stops its proxy when dropped (or sent to).
+pub type Stop = oneshot::Sender<()>;
+
+/// Runs a gateway in the background until the returned [`Stop`] goes.
+pub fn spawn_gateway(args: GatewayArgs) -> Stop {
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(run_gateway(args, async move {
+        let _ = stopped.await;
+    }));
+    stop
+}
+
+/// Runs a sidecar in the background until the returned [`Stop`] goes.
+pub fn spawn_sidecar(args: SidecarArgs) -> Stop {
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(run_sidecar(args, async move {
+        let _ = stopped.await;
+    }));
+    stop
+}
+
+/// A sidecar running in-process; stopped when dropped.
+pub struct Sidecar {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    _stop: Stop,
+}
+
+impl Sidecar {
+    /// Starts a sidecar for `name` (identity from `ca`) in front of `app`,
+    /// accepting the callers in `allow`, and returns once its inbound,
+    /// outbound and admin listeners accept. The app need not be up.
+    pub async fn start(
+        ca: &TestCa,
+        name: &str,
+        app: SocketAddr,
+        allow: &[&str],
+        traffic: TrafficArgs,
+    ) -> anyhow::Result<Self> {
+        let (inbound, outbound, admin) = (free_addr()?, free_addr()?, free_addr()?);
+        let stop = spawn_sidecar(SidecarArgs {
+            service: Some(name.into()),
+            inbound: inbound.to_string(),
+            outbound: outbound.to_string(),
+            admin: admin.to_string(),
+            app: app.to_string(),
+            allow: allow.iter().map(|a| a.to_string()).collect(),
+            config: None,
+            check_config: false,
+            identity: ca.identity_args(name)?,
+            traffic,
+            limits: Default::default(),
+        });
+        wait_listening(&[inbound, outbound, admin], START).await?;
+        Ok(Self {
+            inbound,
+            outbound,
+            admin,
+            _stop: stop,
+        })
+    }
+}
