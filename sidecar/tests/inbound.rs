@@ -3,6 +3,7 @@
 //! and certificate rotation, exercised with real TLS clients.
 
 use minimesh_certs::{LeafRequest, init_ca, issue, issue_leaf};
+use minimesh_testsupport::grpc::serve_health;
 use minimesh_testsupport::metrics::counter;
 use minimesh_testsupport::sidecar::Sidecar;
 use minimesh_testsupport::tls::{client_config, tls_channel};
@@ -64,24 +65,14 @@ async fn eventually<T, Fut: Future<Output = Option<T>>>(
 }
 
 async fn start_app(addr: SocketAddr) -> oneshot::Sender<()> {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let (_reporter, health) = tonic_health::server::health_reporter();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = stopped.await;
-                },
-            ),
-    );
-    stop
+    serve_health(TcpListener::bind(addr).await.unwrap())
 }
 
-fn files(cert: &Path, key: &Path) -> (Vec<u8>, Vec<u8>) {
-    (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
+/// A client trusting the mesh CA and presenting the certificate and key
+/// in these files.
+fn presenting(ca_pem: &Path, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    let pair = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+    client_config(ca_pem, Some(pair)).unwrap()
 }
 
 /// Handshake, then (if it succeeded) the server certificate's serial.
@@ -163,7 +154,7 @@ async fn handshakes_without_a_valid_mesh_certificate_are_refused_and_counted() {
     )
     .unwrap();
     assert!(
-        handshake(f.inbound, client_config(&ca_pem, Some(files(&cert, &key))).unwrap())
+        handshake(f.inbound, presenting(&ca_pem, &cert, &key))
             .await
             .is_err()
     );
@@ -227,7 +218,7 @@ async fn handshakes_without_a_valid_mesh_certificate_are_refused_and_counted() {
 
     // The valid identity works.
     let (cert, key) = f.identity("order");
-    let status = grpc_health(f.inbound, client_config(&ca_pem, Some(files(&cert, &key))).unwrap())
+    let status = grpc_health(f.inbound, presenting(&ca_pem, &cert, &key))
         .await
         .unwrap();
     assert_eq!(status, ServingStatus::Serving);
@@ -294,7 +285,7 @@ async fn callers_outside_the_allow_list_get_permission_denied_naming_them() {
     let ca_pem = f.ca().join("ca.pem");
     let _app = start_app(f.app).await;
     let (cert, key) = f.identity("stranger");
-    let denied = grpc_health(f.inbound, client_config(&ca_pem, Some(files(&cert, &key))).unwrap())
+    let denied = grpc_health(f.inbound, presenting(&ca_pem, &cert, &key))
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
@@ -306,7 +297,7 @@ async fn callers_outside_the_allow_list_get_permission_denied_naming_them() {
         denied.message()
     );
     let (cert, key) = f.identity("order");
-    let ok = grpc_health(f.inbound, client_config(&ca_pem, Some(files(&cert, &key))).unwrap())
+    let ok = grpc_health(f.inbound, presenting(&ca_pem, &cert, &key))
         .await
         .unwrap();
     assert_eq!(ok, ServingStatus::Serving);
@@ -359,7 +350,7 @@ async fn a_new_certificate_on_disk_is_served_without_a_restart() {
     let ca_pem = f.ca().join("ca.pem");
     let _app = start_app(f.app).await;
     let (cert, key) = f.identity("order");
-    let client = client_config(&ca_pem, Some(files(&cert, &key))).unwrap();
+    let client = presenting(&ca_pem, &cert, &key);
     let old = handshake(f.inbound, client.clone()).await.unwrap();
     let old_serial = served_serial(&old);
     assert_eq!(

@@ -5,6 +5,7 @@
 //! sleeps a fixed time in place of a condition.
 
 pub mod ca;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod net;
