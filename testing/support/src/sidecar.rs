@@ -1,6 +1,7 @@
 //! Proxies run in-process on fresh loopback ports, stopped when dropped.
 
-use crate::{TestCa, free_addr, wait_listening};
+use crate::http::wait_ok;
+use crate::{TestCa, free_addr};
 use minimesh_sidecar::config::TrafficArgs;
 use minimesh_sidecar::server::IdentityArgs;
 use minimesh_sidecar::{GatewayArgs, SidecarArgs, run_gateway, run_sidecar};
@@ -50,8 +51,10 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Starts a sidecar for `name` (identity from `ca`) in front of `app`,
-    /// accepting the callers in `allow`, and returns once its inbound,
-    /// outbound and admin listeners accept. The app need not be up.
+    /// accepting the callers in `allow`, and returns once its admin listener
+    /// answers `/live` (every listener is bound by then). The app need not
+    /// be up. Readiness is not probed on the inbound port: a bare TCP
+    /// connection there is a failed handshake, which tests count.
     pub async fn start(
         ca: &TestCa,
         name: &str,
@@ -73,7 +76,7 @@ impl Sidecar {
             traffic,
             limits: Default::default(),
         });
-        wait_listening(&[inbound, outbound, admin], START).await?;
+        wait_ok(admin, "/live", START).await?;
         Ok(Self {
             inbound,
             outbound,
