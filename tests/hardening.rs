@@ -8,6 +8,7 @@ use common::process::*;
 use common::*;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_testsupport::tls::mesh_peer;
+use minimesh_testsupport::{eventually, http_get};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

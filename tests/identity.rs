@@ -11,6 +11,7 @@ use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::payment::v1::{ChargeRequest, GetPaymentRequest, RefundRequest};
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_testsupport::tls::mesh_peer;
+use minimesh_testsupport::{eventually, http_get};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rustls::pki_types::ServerName;

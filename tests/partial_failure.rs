@@ -17,6 +17,7 @@ use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::user::v1::GetUserRequest;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_testsupport::metrics::sum;
+use minimesh_testsupport::{eventually, http_get};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::VecDeque;

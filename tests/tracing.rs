@@ -9,7 +9,7 @@ use common::*;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_testsupport::metrics::counter;
-use minimesh_testsupport::metrics_text;
+use minimesh_testsupport::{eventually, metrics_text};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 

@@ -13,7 +13,7 @@ use minimesh_proto::order::v1::OrderStatus;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_testsupport::metrics::sum;
-use minimesh_testsupport::metrics_text;
+use minimesh_testsupport::{eventually, metrics_text};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

@@ -8,8 +8,6 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub use minimesh_testsupport::{eventually, http_get};
-
 pub const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A running `minimesh up`; killed (and with it every child) when dropped.
