@@ -20,3 +20,28 @@ pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{counter, sum};
+
+    const TEXT: &str = "# TYPE minimesh_retries counter
+minimesh_retries_total{service=\"a\"} 2
+minimesh_retries_total{service=\"b\"} 3
+minimesh_retries_total_other{service=\"a\"} 7
+minimesh_retries_total 11
+";
+
+    #[test]
+    fn sum_adds_the_labelled_samples_of_one_name_that_match() {
+        assert_eq!(sum(TEXT, "minimesh_retries_total", &[]), 5.0);
+        assert_eq!(sum(TEXT, "minimesh_retries_total", &["service=\"a\""]), 2.0);
+        assert_eq!(sum(TEXT, "minimesh_retries_total", &["service=\"c\""]), 0.0);
+    }
+
+    #[test]
+    fn counter_reads_one_exact_series_or_zero() {
+        assert_eq!(counter(TEXT, "minimesh_retries_total{service=\"b\"}"), 3);
+        assert_eq!(counter(TEXT, "minimesh_missing_total"), 0);
+    }
+}

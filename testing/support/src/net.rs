@@ -34,3 +34,22 @@ pub async fn wait_listening(addrs: &[SocketAddr], within: Duration) -> anyhow::R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wait_listening_returns_once_accepting_and_fails_when_nothing_listens() {
+        let (listener, _) = loopback_listener().await.unwrap();
+        let live = listener.local_addr().unwrap();
+        wait_listening(&[live], Duration::from_secs(5))
+            .await
+            .unwrap();
+        let dead = free_addr().unwrap();
+        let err = wait_listening(&[dead], Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(&dead.to_string()), "{err}");
+    }
+}
