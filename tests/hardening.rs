@@ -7,6 +7,8 @@ mod common;
 use common::process::*;
 use common::*;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_testsupport::tls::mesh_peer;
+use minimesh_testsupport::{eventually, http_get};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,7 +103,7 @@ async fn silent_and_preface_only_connections_are_closed_after_the_first_call_tim
         Duration::from_secs(8),
         "the idle connection closed",
         || async {
-            let text = http_text(&admin, "/metrics").await?;
+            let text = http_get(&admin, "/metrics").await?.1;
             text.contains("minimesh_open_connections{direction=\"inbound\"} 0")
                 .then_some(())
         },
@@ -109,25 +111,12 @@ async fn silent_and_preface_only_connections_are_closed_after_the_first_call_tim
     .await;
 }
 
-async fn http_text(addr: &str, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    Some(text)
-}
-
 async fn tls_connect(
     ca_dir: &std::path::Path,
     addr: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(mesh_peer_tls(ca_dir, "gateway"))
+    tokio_rustls::TlsConnector::from(mesh_peer(ca_dir, "gateway").unwrap())
         .connect(
             rustls::pki_types::ServerName::try_from("user").unwrap(),
             tcp,
@@ -165,7 +154,7 @@ async fn the_connection_cap_holds_and_frees() {
             .ok()
     };
     eventually(Duration::from_secs(5), "20 connections served", || async {
-        (open(&http_text(&admin, "/metrics").await?)? == 20).then_some(())
+        (open(&http_get(&admin, "/metrics").await?.1)? == 20).then_some(())
     })
     .await;
     // Past the cap nothing more is served while the 20 stay.
@@ -178,7 +167,7 @@ async fn the_connection_cap_holds_and_frees() {
     let waiting = tokio::time::timeout(Duration::from_secs(1), new_user_result(&mut late)).await;
     assert!(waiting.is_err(), "served past the cap");
     assert_eq!(
-        open(&http_text(&admin, "/metrics").await.unwrap()),
+        open(&http_get(&admin, "/metrics").await.unwrap().1),
         Some(20)
     );
     drop(held);
@@ -569,7 +558,7 @@ async fn calls_past_the_app_stream_limit_get_resource_exhausted() {
         .to_owned();
     let in_flight = || async {
         gauge(
-            &http_text(&admin, "/metrics").await?,
+            &http_get(&admin, "/metrics").await?.1,
             "minimesh_app_calls_in_flight",
         )
     };

@@ -10,6 +10,8 @@ use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::payment::v1::{ChargeRequest, GetPaymentRequest, RefundRequest};
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_testsupport::tls::mesh_peer;
+use minimesh_testsupport::{eventually, http_get};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rustls::pki_types::ServerName;
@@ -36,17 +38,7 @@ async fn served_serial(
 }
 
 async fn metric(addr: &str, series: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
+    let (_, text) = http_get(addr, "/metrics").await?;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
@@ -175,7 +167,7 @@ async fn certificates_rotate_under_load_without_a_failed_call() {
         }
     }
     let traffic = Traffic::start(mesh.gateway_url());
-    let probe = mesh_peer_tls(&ca_dir, "order");
+    let probe = mesh_peer(&ca_dir, "order").unwrap();
     let sidecars: Vec<(String, String)> = mesh.mesh_json()["instances"]
         .as_array()
         .unwrap()

@@ -18,13 +18,6 @@ use tokio_stream::StreamExt;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn gateway_url(mesh: &Mesh) -> String {
-    format!(
-        "http://{}",
-        mesh.mesh_json()["gateway"]["addr"].as_str().unwrap()
-    )
-}
-
 #[tokio::test]
 async fn a_client_with_only_mesh_json_shops_through_the_gateway() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,7 +36,7 @@ async fn a_client_with_only_mesh_json_shops_through_the_gateway() {
             .exists()
     );
 
-    let gateway = gateway_url(&mesh);
+    let gateway = mesh.gateway_url();
     let mut users = UserServiceClient::connect(gateway.clone()).await.unwrap();
     let mut orders = OrderServiceClient::connect(gateway.clone()).await.unwrap();
     let mut payments = PaymentServiceClient::connect(gateway.clone())

@@ -7,6 +7,7 @@ use common::process::*;
 use common::*;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_testsupport::eventually;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

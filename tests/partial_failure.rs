@@ -16,6 +16,8 @@ use minimesh_proto::payment::v1::ChargeRequest;
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::user::v1::GetUserRequest;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_testsupport::metrics::sum;
+use minimesh_testsupport::{eventually, http_get};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::VecDeque;
@@ -45,15 +47,6 @@ impl Drop for Stopped {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGCONT);
     }
-}
-
-/// Sum of every series of `name` whose labels contain all of `labels`.
-fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Calls of `method` each replica of `service` received (its sidecar's

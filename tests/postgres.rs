@@ -25,6 +25,7 @@ use minimesh_proto::payment::v1::{ChargeRequest, GetPaymentRequest, PaymentStatu
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_proto::user::v1::{GetUserRequest, ListUsersRequest, User};
 use minimesh_testpg::PgServer;
+use minimesh_testsupport::{eventually, http_get};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

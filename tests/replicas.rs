@@ -10,6 +10,8 @@ use common::*;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::order::v1::{OrderStatus, WatchOrderRequest};
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_testsupport::metrics::sum;
+use minimesh_testsupport::metrics_text;
 use std::time::Duration;
 use tokio_stream::StreamExt;
 
@@ -178,14 +180,10 @@ async fn cancel_refunds_whichever_replica_charged(backend: Backend) {
     }
     let mut replicas_used = 0;
     for instance in mesh.instances("payment") {
-        let text = metrics(instance["admin"].as_str().unwrap()).await;
-        let charges: f64 = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("minimesh_requests_total{") && l.contains("method=\"Charge\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let text = metrics_text(instance["admin"].as_str().unwrap())
+            .await
+            .unwrap();
+        let charges = sum(&text, "minimesh_requests_total", &["method=\"Charge\""]);
         if charges > 0.0 {
             replicas_used += 1;
         }
@@ -195,19 +193,4 @@ async fn cancel_refunds_whichever_replica_charged(backend: Backend) {
         "charges went to {replicas_used} replica(s)"
     );
     assert!(mesh.terminate().await.success());
-}
-
-async fn metrics(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
 }

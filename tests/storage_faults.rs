@@ -12,6 +12,7 @@ mod common;
 use common::process::*;
 use minimesh_proto::payment::v1::ChargeRequest;
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
+use minimesh_testsupport::{eventually, http_get};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

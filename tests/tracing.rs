@@ -8,6 +8,8 @@ use common::process::*;
 use common::*;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_testsupport::metrics::counter;
+use minimesh_testsupport::{eventually, metrics_text};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -240,38 +242,10 @@ async fn one_order_is_one_trace_across_services_and_logs_carry_it() {
     assert!(mesh.terminate().await.success());
 }
 
-async fn metrics_text(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
-
-fn counter(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn collector_down_calls_unaffected_and_dropped_spans_counted() {
     // A port nobody listens on: reserve it, then close it.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = minimesh_testsupport::free_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let endpoint = format!("http://{dead}");
     let mesh = start_mesh_with_env(
@@ -301,7 +275,7 @@ async fn collector_down_calls_unaffected_and_dropped_spans_counted() {
     let dropped = eventually(Duration::from_secs(30), "dropped spans counted", || {
         let addr = metrics_addr.clone();
         async move {
-            let text = metrics_text(&addr).await;
+            let text = metrics_text(&addr).await.unwrap();
             let dropped = counter(&text, "minimesh_spans_dropped_total");
             (dropped > 0).then_some(dropped)
         }
@@ -317,13 +291,15 @@ async fn collector_down_calls_unaffected_and_dropped_spans_counted() {
         .await
         .unwrap();
     place_order(&mut orders, &buyer.id).await;
-    let order_metrics = metrics_text(mesh.instances("order")[0]["metrics"].as_str().unwrap()).await;
+    let order_metrics = metrics_text(mesh.instances("order")[0]["metrics"].as_str().unwrap())
+        .await
+        .unwrap();
     assert_eq!(
         counter(&order_metrics, "minimesh_orders_total{status=\"paid\"}"),
         1,
         "{order_metrics}"
     );
-    let user_metrics = metrics_text(&metrics_addr).await;
+    let user_metrics = metrics_text(&metrics_addr).await.unwrap();
     assert_eq!(
         counter(&user_metrics, "minimesh_users_total{status=\"created\"}"),
         1

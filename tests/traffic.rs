@@ -12,6 +12,8 @@ use common::*;
 use minimesh_proto::order::v1::OrderStatus;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_testsupport::metrics::sum;
+use minimesh_testsupport::{eventually, metrics_text};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -19,42 +21,13 @@ use tonic::transport::Channel;
 
 const CLIENTS: usize = 16;
 
-fn gateway_url(mesh: &Mesh) -> String {
-    format!(
-        "http://{}",
-        mesh.mesh_json()["gateway"]["addr"].as_str().unwrap()
-    )
-}
-
-async fn metrics_text(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
-}
-
-/// Sum of every series of `name` whose labels contain all of `labels`.
-fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Charge calls each payment replica's sidecar received.
 async fn charges_per_replica(mesh: &Mesh) -> Vec<f64> {
     let mut out = Vec::new();
     for instance in mesh.instances("payment") {
-        let text = metrics_text(instance["admin"].as_str().unwrap()).await;
+        let text = metrics_text(instance["admin"].as_str().unwrap())
+            .await
+            .unwrap();
         out.push(sum(
             &text,
             "minimesh_requests_total",
@@ -95,7 +68,7 @@ async fn place_many(
 }
 
 async fn setup(mesh: &Mesh) -> (Channel, String) {
-    let channel = tonic::transport::Endpoint::from_shared(gateway_url(mesh))
+    let channel = tonic::transport::Endpoint::from_shared(mesh.gateway_url())
         .unwrap()
         .connect()
         .await
@@ -241,7 +214,9 @@ async fn survive_kill(backend: Backend, victim: &str) {
             order.id
         );
     }
-    let order_sidecar = metrics_text(mesh.instances("order")[0]["admin"].as_str().unwrap()).await;
+    let order_sidecar = metrics_text(mesh.instances("order")[0]["admin"].as_str().unwrap())
+        .await
+        .unwrap();
     let ejections = sum(
         &order_sidecar,
         "minimesh_endpoint_ejections_total",
@@ -332,7 +307,9 @@ async fn with_every_payment_replica_down_calls_fail_fast_within_the_budget() {
     assert!(slowest < BOUND, "slowest failing call took {slowest:?}");
 
     // Attempts that reached the payment sidecars vs the calls order made.
-    let order_sidecar = metrics_text(mesh.instances("order")[0]["admin"].as_str().unwrap()).await;
+    let order_sidecar = metrics_text(mesh.instances("order")[0]["admin"].as_str().unwrap())
+        .await
+        .unwrap();
     let calls = sum(
         &order_sidecar,
         "minimesh_requests_total",

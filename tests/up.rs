@@ -11,6 +11,7 @@ use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::payment::v1::{GetPaymentRequest, PaymentStatus};
 use minimesh_proto::user::v1::GetUserRequest;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
+use minimesh_testsupport::eventually;
 use std::time::Duration;
 use tokio_stream::StreamExt;
 

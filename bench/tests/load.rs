@@ -2,11 +2,12 @@
 //! kind of call is counted, and failures are counted by status, not hidden.
 
 use minimesh_bench::load::{Call, Workload, run};
+use minimesh_testsupport::grpc::serve_health;
+use minimesh_testsupport::{free_addr, loopback_listener};
 use std::time::Duration;
 
 async fn backend() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (listener, url) = loopback_listener().await.unwrap();
     tokio::spawn(minimesh_bench::backend::serve(listener));
     url
 }
@@ -65,14 +66,8 @@ async fn an_open_loop_run_starts_calls_on_schedule() {
 #[tokio::test]
 async fn failures_are_counted_by_status() {
     // A gRPC server without the shop services: every call is UNIMPLEMENTED.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = format!("http://{}", listener.local_addr().unwrap());
-    let (_reporter, health) = tonic_health::server::health_reporter();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (listener, target) = loopback_listener().await.unwrap();
+    let _health = serve_health(listener);
     let report = run(&target, &workload(Call::Unary, 2, None)).await.unwrap();
     assert_eq!(report.ok, 0);
     let unimplemented: u64 = report
@@ -84,10 +79,7 @@ async fn failures_are_counted_by_status() {
     assert!(unimplemented > 0, "{:?}", report.errors);
 
     // No server at all: the run cannot start, and says so.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = free_addr().unwrap();
     let err = run(&format!("http://{dead}"), &workload(Call::Unary, 1, None))
         .await
         .unwrap_err();

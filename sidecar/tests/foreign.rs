@@ -2,80 +2,14 @@
 //! (testing/echo), served by a plain tonic server. Nothing in the proxy
 //! knows that package; routes and upstreams are configuration.
 
-use minimesh_certs::{LeafRequest, init_ca, issue};
 use minimesh_sidecar::config::TrafficArgs;
-use minimesh_sidecar::server::IdentityArgs;
-use minimesh_sidecar::{SidecarArgs, run_sidecar};
 use minimesh_testecho::v1::SayRequest;
 use minimesh_testecho::v1::echo_client::EchoClient;
+use minimesh_testsupport::metrics::sum;
+use minimesh_testsupport::sidecar::Sidecar;
+use minimesh_testsupport::{TestCa, free_addr, metrics_text};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn identity(dir: &Path, name: &str) -> IdentityArgs {
-    let (cert, key) = issue(&dir.join("ca"), &LeafRequest::new(name), &dir.join(name)).unwrap();
-    IdentityArgs::from_files(dir.join("ca/ca.pem"), cert, key)
-}
-
-struct Proxy {
-    inbound: SocketAddr,
-    outbound: SocketAddr,
-    admin: SocketAddr,
-}
-
-fn sidecar(
-    dir: &Path,
-    name: &str,
-    app: SocketAddr,
-    allow: &[&str],
-    traffic: TrafficArgs,
-    stops: &mut Vec<oneshot::Sender<()>>,
-) -> Proxy {
-    let proxy = Proxy {
-        inbound: free_addr(),
-        outbound: free_addr(),
-        admin: free_addr(),
-    };
-    let args = SidecarArgs {
-        service: Some(name.into()),
-        inbound: proxy.inbound.to_string(),
-        outbound: proxy.outbound.to_string(),
-        admin: proxy.admin.to_string(),
-        app: app.to_string(),
-        allow: allow.iter().map(|a| a.to_string()).collect(),
-        max_app_streams: minimesh_sidecar::args::DEFAULT_MAX_APP_STREAMS,
-        config: None,
-        check_config: false,
-        identity: identity(dir, name),
-        traffic,
-        limits: Default::default(),
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    stops.push(stop);
-    tokio::spawn(run_sidecar(args, async move {
-        let _ = stopped.await;
-    }));
-    proxy
-}
-
-async fn listening(addrs: &[SocketAddr]) {
-    for addr in addrs {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(Instant::now() < deadline, "{addr} never listened");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
 
 /// The client's outbound listener, with `:authority` set to `authority`.
 async fn through(outbound: SocketAddr, authority: &'static str) -> EchoClient<Channel> {
@@ -88,25 +22,6 @@ async fn through(outbound: SocketAddr, authority: &'static str) -> EchoClient<Ch
     EchoClient::new(channel)
 }
 
-async fn metrics(admin: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
-}
-
-fn sum(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn say(text: &str, seq: u32) -> SayRequest {
     SayRequest {
         text: text.into(),
@@ -116,37 +31,31 @@ fn say(text: &str, seq: u32) -> SayRequest {
 
 #[tokio::test]
 async fn a_service_the_mesh_was_not_written_for_is_meshed() {
-    let dir = tempfile::tempdir().unwrap();
-    init_ca(&dir.path().join("ca"), 30, false).unwrap();
-    let mut stops = Vec::new();
+    let ca = TestCa::new().unwrap();
     let (echo_app, _echo_stop) = minimesh_testecho::serve("echo-0").await;
     let (mirror_app, _mirror_stop) = minimesh_testecho::serve("mirror-0").await;
-    let echo = sidecar(
-        dir.path(),
-        "echo",
-        echo_app,
-        &["client"],
-        TrafficArgs::default(),
-        &mut stops,
-    );
-    let mirror = sidecar(
-        dir.path(),
+    let echo = Sidecar::start(&ca, "echo", echo_app, &["client"], TrafficArgs::default())
+        .await
+        .unwrap();
+    let mirror = Sidecar::start(
+        &ca,
         "mirror",
         mirror_app,
         &["client"],
         TrafficArgs::default(),
-        &mut stops,
-    );
+    )
+    .await
+    .unwrap();
     // Nothing listens here: calls sent to it never reach anyone.
-    let dead = free_addr();
+    let dead = free_addr().unwrap();
     let upstreams = vec![
         format!("echo={},{dead}", echo.inbound),
         format!("mirror={}", mirror.inbound),
     ];
-    let client = sidecar(
-        dir.path(),
+    let client = Sidecar::start(
+        &ca,
         "client",
-        free_addr(),
+        free_addr().unwrap(),
         &[],
         TrafficArgs {
             upstreams: upstreams.clone(),
@@ -154,28 +63,22 @@ async fn a_service_the_mesh_was_not_written_for_is_meshed() {
             eject_after: Some(2),
             ..TrafficArgs::default()
         },
-        &mut stops,
-    );
-    let stranger = sidecar(
-        dir.path(),
+    )
+    .await
+    .unwrap();
+    let stranger = Sidecar::start(
+        &ca,
         "stranger",
-        free_addr(),
+        free_addr().unwrap(),
         &[],
         TrafficArgs {
             upstreams,
             routes: vec!["acme.echo.=echo".into()],
             ..TrafficArgs::default()
         },
-        &mut stops,
-    );
-    listening(&[
-        echo.inbound,
-        mirror.inbound,
-        client.outbound,
-        client.admin,
-        stranger.outbound,
-    ])
-    .await;
+    )
+    .await
+    .unwrap();
 
     // By route prefix (the authority is an address), over mTLS to echo; calls
     // that went to the dead endpoint first were sent again elsewhere: streams
@@ -215,9 +118,9 @@ async fn a_service_the_mesh_was_not_written_for_is_meshed() {
             ("hello", "echo-0")
         );
     }
-    let text = metrics(client.admin).await;
+    let text = metrics_text(client.admin).await.unwrap();
     assert!(
-        sum(&text, "minimesh_retries_total", "service=\"echo\"") >= 1.0,
+        sum(&text, "minimesh_retries_total", &["service=\"echo\""]) >= 1.0,
         "calls to the dead endpoint were retried:\n{text}"
     );
 

@@ -3,10 +3,13 @@
 //! and certificate rotation, exercised with real TLS clients.
 
 use minimesh_certs::{LeafRequest, init_ca, issue, issue_leaf};
-use minimesh_sidecar::server::IdentityArgs;
-use minimesh_sidecar::{SidecarArgs, run_sidecar};
+use minimesh_testsupport::grpc::serve_health;
+use minimesh_testsupport::metrics::counter;
+use minimesh_testsupport::sidecar::Sidecar;
+use minimesh_testsupport::tls::{client_config, tls_channel};
+use minimesh_testsupport::{TestCa, free_addr, http_get};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,164 +21,58 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus}
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 struct Fixture {
-    dir: tempfile::TempDir,
+    ca: TestCa,
     inbound: SocketAddr,
     admin: SocketAddr,
     app: SocketAddr,
-    _stop: oneshot::Sender<()>,
+    _sidecar: Sidecar,
 }
 
 impl Fixture {
     fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca")
+        self.ca.ca_dir()
     }
 
     /// Issues `name` from the mesh CA into its own directory.
     fn identity(&self, name: &str) -> (PathBuf, PathBuf) {
-        issue(
-            &self.ca(),
-            &LeafRequest::new(name),
-            &self.dir.path().join(name),
-        )
-        .unwrap()
+        self.ca.issue(name).unwrap()
     }
 }
 
-/// Starts a sidecar for `payment` whose allow-list is `order`. The app is
-/// not started: tests start it when they need it.
+/// Starts a sidecar for `payment` whose allow-list is `order`, and returns
+/// once it listens. The app is not started: tests start it when they need it.
 async fn start_sidecar() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    init_ca(&ca, 30, false).unwrap();
-    let (cert, key) = issue(
-        &ca,
-        &LeafRequest::new("payment"),
-        &dir.path().join("payment"),
-    )
-    .unwrap();
-    let (inbound, admin, app, outbound) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let args = SidecarArgs {
-        service: Some("payment".into()),
-        inbound: inbound.to_string(),
-        outbound: outbound.to_string(),
-        admin: admin.to_string(),
-        app: app.to_string(),
-        allow: vec!["order".into()],
-        max_app_streams: minimesh_sidecar::args::DEFAULT_MAX_APP_STREAMS,
-        config: None,
-        check_config: false,
-        identity: IdentityArgs::from_files(ca.join("ca.pem"), cert, key),
-        traffic: Default::default(),
-        limits: Default::default(),
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(run_sidecar(args, async move {
-        let _ = stopped.await;
-    }));
-    let fixture = Fixture {
-        dir,
-        inbound,
-        admin,
+    let ca = TestCa::new().unwrap();
+    let app = free_addr().unwrap();
+    let sidecar = Sidecar::start(&ca, "payment", app, &["order"], Default::default())
+        .await
+        .unwrap();
+    Fixture {
+        inbound: sidecar.inbound,
+        admin: sidecar.admin,
         app,
-        _stop: stop,
-    };
-    // Ready to accept once the admin listener answers.
-    eventually("admin listener up", || async {
-        http_get(fixture.admin, "/live").await.map(|_| ())
-    })
-    .await;
-    fixture
+        ca,
+        _sidecar: sidecar,
+    }
 }
 
 async fn eventually<T, Fut: Future<Output = Option<T>>>(
     what: &str,
-    mut check: impl FnMut() -> Fut,
+    check: impl FnMut() -> Fut,
 ) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    let code = text.get(9..12)?.parse().ok()?;
-    Some((code, text))
+    minimesh_testsupport::eventually(PATIENCE, what, check).await
 }
 
 async fn start_app(addr: SocketAddr) -> oneshot::Sender<()> {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let (_reporter, health) = tonic_health::server::health_reporter();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = stopped.await;
-                },
-            ),
-    );
-    stop
+    serve_health(TcpListener::bind(addr).await.unwrap())
 }
 
-fn roots(ca_pem: &Path) -> Arc<rustls::RootCertStore> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_pem).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    Arc::new(roots)
-}
-
-/// A TLS client that trusts the mesh CA and presents `client` (cert, key), if any.
-fn client_config(ca_pem: &Path, client: Option<(Vec<u8>, Vec<u8>)>) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots(ca_pem));
-    let mut config = match client {
-        Some((cert, key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
-                .map(|c| c.unwrap())
-                .collect();
-            builder
-                .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(&key).unwrap())
-                .unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
-
-fn files(cert: &Path, key: &Path) -> (Vec<u8>, Vec<u8>) {
-    (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
+/// A client trusting the mesh CA and presenting the certificate and key
+/// in these files.
+fn presenting(ca_pem: &Path, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    let pair = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+    client_config(ca_pem, Some(pair)).unwrap()
 }
 
 /// Handshake, then (if it succeeded) the server certificate's serial.
@@ -208,18 +105,7 @@ async fn grpc_health(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<ServingStatus, tonic::Status> {
-    let connector = tower::service_fn(move |_uri: http::Uri| {
-        let config = config.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await?;
-            let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(ServerName::try_from("payment").unwrap(), tcp)
-                .await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
-    });
-    let channel = tonic::transport::Endpoint::from_static("http://payment")
-        .connect_with_connector(connector)
+    let (channel, _) = tls_channel(addr, "payment", config)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let response = HealthClient::new(channel)
@@ -228,15 +114,6 @@ async fn grpc_health(
         })
         .await?;
     Ok(ServingStatus::try_from(response.get_ref().status).unwrap_or(ServingStatus::Unknown))
-}
-
-fn counter(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 async fn tls_failures(admin: SocketAddr) -> u64 {
@@ -257,7 +134,7 @@ async fn handshakes_without_a_valid_mesh_certificate_are_refused_and_counted() {
 
     // No client certificate.
     assert!(
-        handshake(f.inbound, client_config(&ca_pem, None))
+        handshake(f.inbound, client_config(&ca_pem, None).unwrap())
             .await
             .is_err()
     );
@@ -268,16 +145,16 @@ async fn handshakes_without_a_valid_mesh_certificate_are_refused_and_counted() {
     .await;
 
     // A certificate from another CA, for an allowed name.
-    let other = f.dir.path().join("other-ca");
+    let other = f.ca.dir().join("other-ca");
     init_ca(&other, 30, false).unwrap();
     let (cert, key) = issue(
         &other,
         &LeafRequest::new("order"),
-        &f.dir.path().join("other-order"),
+        &f.ca.dir().join("other-order"),
     )
     .unwrap();
     assert!(
-        handshake(f.inbound, client_config(&ca_pem, Some(files(&cert, &key))))
+        handshake(f.inbound, presenting(&ca_pem, &cert, &key))
             .await
             .is_err()
     );
@@ -298,7 +175,8 @@ async fn handshakes_without_a_valid_mesh_certificate_are_refused_and_counted() {
     let client = client_config(
         &ca_pem,
         Some((leaf.cert_pem.into_bytes(), leaf.key_pem.into_bytes())),
-    );
+    )
+    .unwrap();
     assert!(handshake(f.inbound, client).await.is_err());
     failures += 1;
     eventually("expired refusal counted", || async {
@@ -340,7 +218,7 @@ async fn handshakes_without_a_valid_mesh_certificate_are_refused_and_counted() {
 
     // The valid identity works.
     let (cert, key) = f.identity("order");
-    let status = grpc_health(f.inbound, client_config(&ca_pem, Some(files(&cert, &key))))
+    let status = grpc_health(f.inbound, presenting(&ca_pem, &cert, &key))
         .await
         .unwrap();
     assert_eq!(status, ServingStatus::Serving);
@@ -384,7 +262,7 @@ async fn mesh_certificates_without_exactly_one_spiffe_id_are_refused_and_counted
         &["https://minimesh.local/ns/default/sa/order"],
     ];
     for (n, uris) in cases.iter().enumerate() {
-        let client = client_config(&ca_pem, Some(leaf_with_uris(&f.ca(), uris)));
+        let client = client_config(&ca_pem, Some(leaf_with_uris(&f.ca(), uris))).unwrap();
         assert!(
             handshake(f.inbound, client).await.is_err(),
             "{uris:?} must be refused"
@@ -395,7 +273,7 @@ async fn mesh_certificates_without_exactly_one_spiffe_id_are_refused_and_counted
         .await;
     }
     // Exactly one well-formed SPIFFE id from the mesh CA is an identity.
-    let client = client_config(&ca_pem, Some(leaf_with_uris(&f.ca(), &[order])));
+    let client = client_config(&ca_pem, Some(leaf_with_uris(&f.ca(), &[order]))).unwrap();
     let status = grpc_health(f.inbound, client).await.unwrap();
     assert_eq!(status, ServingStatus::Serving);
     assert_eq!(tls_failures(f.admin).await, cases.len() as u64);
@@ -407,7 +285,7 @@ async fn callers_outside_the_allow_list_get_permission_denied_naming_them() {
     let ca_pem = f.ca().join("ca.pem");
     let _app = start_app(f.app).await;
     let (cert, key) = f.identity("stranger");
-    let denied = grpc_health(f.inbound, client_config(&ca_pem, Some(files(&cert, &key))))
+    let denied = grpc_health(f.inbound, presenting(&ca_pem, &cert, &key))
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
@@ -419,7 +297,7 @@ async fn callers_outside_the_allow_list_get_permission_denied_naming_them() {
         denied.message()
     );
     let (cert, key) = f.identity("order");
-    let ok = grpc_health(f.inbound, client_config(&ca_pem, Some(files(&cert, &key))))
+    let ok = grpc_health(f.inbound, presenting(&ca_pem, &cert, &key))
         .await
         .unwrap();
     assert_eq!(ok, ServingStatus::Serving);
@@ -472,21 +350,16 @@ async fn a_new_certificate_on_disk_is_served_without_a_restart() {
     let ca_pem = f.ca().join("ca.pem");
     let _app = start_app(f.app).await;
     let (cert, key) = f.identity("order");
-    let client = client_config(&ca_pem, Some(files(&cert, &key)));
+    let client = presenting(&ca_pem, &cert, &key);
     let old = handshake(f.inbound, client.clone()).await.unwrap();
     let old_serial = served_serial(&old);
     assert_eq!(
         old_serial,
-        file_serial(&f.dir.path().join("payment/payment.pem"))
+        file_serial(&f.ca.dir().join("payment/payment.pem"))
     );
 
     // Rotate: issue a new pair over the sidecar's files.
-    let (new_cert, _) = issue(
-        &f.ca(),
-        &LeafRequest::new("payment"),
-        &f.dir.path().join("payment"),
-    )
-    .unwrap();
+    let (new_cert, _) = f.identity("payment");
     let new_serial = file_serial(&new_cert);
     assert_ne!(new_serial, old_serial);
     eventually("new handshakes present the new certificate", || {

@@ -7,26 +7,17 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use minimesh_certs::{LeafRequest, init_ca, issue};
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::payment::v1::{GetPaymentRequest, Payment};
 use minimesh_sidecar::config::TrafficArgs;
-use minimesh_sidecar::server::IdentityArgs;
-use minimesh_sidecar::{SidecarArgs, run_sidecar};
+use minimesh_testsupport::metrics::counter;
+use minimesh_testsupport::sidecar::Sidecar;
+use minimesh_testsupport::{TestCa, free_addr, http_get};
 use prost::Message;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-
-fn free_addr(ip: &str) -> SocketAddr {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// A gRPC stand-in for the payment service: answers GetPayment with the id
 /// it was asked for, after `delay`, and records each call's grpc-timeout.
@@ -91,23 +82,10 @@ async fn start_app(addr: SocketAddr, delay: Duration, seen_timeouts: Arc<Mutex<V
 }
 
 struct Pair {
-    _dir: tempfile::TempDir,
+    _ca: TestCa,
     outbound: SocketAddr,
     order_admin: SocketAddr,
-    _stops: Vec<oneshot::Sender<()>>,
-}
-
-fn identity(dir: &Path, name: &str) -> IdentityArgs {
-    let (cert, key) = issue(&dir.join("ca"), &LeafRequest::new(name), &dir.join(name)).unwrap();
-    IdentityArgs::from_files(dir.join("ca/ca.pem"), cert, key)
-}
-
-fn spawn_sidecar(args: SidecarArgs, stops: &mut Vec<oneshot::Sender<()>>) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    stops.push(stop);
-    tokio::spawn(run_sidecar(args, async move {
-        let _ = stopped.await;
-    }));
+    _sidecars: Vec<Sidecar>,
 }
 
 /// A payment sidecar in front of the stand-in app, and an order sidecar
@@ -126,65 +104,32 @@ async fn start_replicas(
     apps: &[(Duration, Arc<Mutex<Vec<String>>>)],
     traffic: impl FnOnce(&[SocketAddr]) -> TrafficArgs,
 ) -> Pair {
-    let dir = tempfile::tempdir().unwrap();
-    init_ca(&dir.path().join("ca"), 30, false).unwrap();
-    let mut stops = Vec::new();
+    let ca = TestCa::new().unwrap();
+    let mut sidecars = Vec::new();
     let mut inbounds = Vec::new();
     for (delay, seen) in apps {
-        let app = free_addr("127.0.0.1");
+        let app = free_addr().unwrap();
         start_app(app, *delay, seen.clone()).await;
-        let payment_inbound = free_addr("127.0.0.1");
-        spawn_sidecar(
-            SidecarArgs {
-                service: Some("payment".into()),
-                inbound: payment_inbound.to_string(),
-                outbound: free_addr("127.0.0.1").to_string(),
-                admin: free_addr("127.0.0.1").to_string(),
-                app: app.to_string(),
-                allow: vec!["order".into()],
-                max_app_streams: minimesh_sidecar::args::DEFAULT_MAX_APP_STREAMS,
-                config: None,
-                check_config: false,
-                identity: identity(dir.path(), "payment"),
-                traffic: TrafficArgs::default(),
-                limits: Default::default(),
-            },
-            &mut stops,
-        );
-        inbounds.push(payment_inbound);
+        let payment = Sidecar::start(&ca, "payment", app, &["order"], TrafficArgs::default())
+            .await
+            .unwrap();
+        inbounds.push(payment.inbound);
+        sidecars.push(payment);
     }
-    let (outbound, order_admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    spawn_sidecar(
-        SidecarArgs {
-            service: Some("order".into()),
-            inbound: free_addr("127.0.0.1").to_string(),
-            outbound: outbound.to_string(),
-            admin: order_admin.to_string(),
-            app: free_addr("127.0.0.1").to_string(),
-            allow: vec!["gateway".into()],
-            max_app_streams: minimesh_sidecar::args::DEFAULT_MAX_APP_STREAMS,
-            config: None,
-            check_config: false,
-            identity: identity(dir.path(), "order"),
-            traffic: traffic(&inbounds),
-            limits: Default::default(),
-        },
-        &mut stops,
-    );
-    inbounds.push(outbound);
-    // Listeners accept once bound; wait for every one.
-    for addr in inbounds {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(Instant::now() < deadline, "{addr} never listened");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    let order = Sidecar::start(
+        &ca,
+        "order",
+        free_addr().unwrap(),
+        &["gateway"],
+        traffic(&inbounds),
+    )
+    .await
+    .unwrap();
     Pair {
-        _dir: dir,
-        outbound,
-        order_admin,
-        _stops: stops,
+        _ca: ca,
+        outbound: order.outbound,
+        order_admin: order.admin,
+        _sidecars: sidecars.into_iter().chain([order]).collect(),
     }
 }
 
@@ -305,7 +250,7 @@ async fn calls_are_routed_by_service_and_unknown_services_are_unimplemented() {
 #[tokio::test]
 async fn a_dead_endpoint_is_retried_around_and_ejected() {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let dead = free_addr("127.0.0.1"); // nothing listens here
+    let dead = free_addr().unwrap(); // nothing listens here
     let pair = start_pair(Duration::ZERO, seen, |live| {
         let mut args = static_upstream(&[live[0], dead]);
         args.eject_after = Some(2);
@@ -331,7 +276,7 @@ async fn a_dead_endpoint_is_retried_around_and_ejected() {
             call.await.unwrap();
         }
     }
-    let (_, text) = http_get(pair.order_admin, "/metrics").await;
+    let (_, text) = http_get(pair.order_admin, "/metrics").await.unwrap();
     assert!(
         counter(
             &text,
@@ -391,7 +336,7 @@ async fn a_per_try_timeout_moves_the_call_to_another_endpoint() {
         );
         calls += 1;
     }
-    let (_, text) = http_get(pair.order_admin, "/metrics").await;
+    let (_, text) = http_get(pair.order_admin, "/metrics").await.unwrap();
     assert!(
         counter(
             &text,
@@ -488,27 +433,4 @@ async fn dns_names_follow_endpoints_that_appear_and_vanish() {
             .await
             .expect("routed to the live endpoint");
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    (text[9..12].parse().unwrap(), text)
-}
-
-fn counter(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }

@@ -9,7 +9,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use std::sync::{Arc, Mutex};
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// One received span, flattened with its resource's service name.
@@ -92,8 +91,7 @@ impl Collector {
     /// Starts the collector on an ephemeral loopback port; returns its URL.
     pub(crate) async fn start() -> (Collector, String) {
         let collector = Collector::default();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (listener, url) = minimesh_testsupport::loopback_listener().await.unwrap();
         let service = TraceServiceServer::new(collector.clone());
         tokio::spawn(
             tonic::transport::Server::builder()

@@ -12,10 +12,10 @@ use minimesh_proto::order::v1::{CreateOrderRequest, Order, OrderItem};
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_proto::user::v1::{CreateUserRequest, User};
+use minimesh_testsupport::loopback_listener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -35,14 +35,6 @@ impl Drop for Shop {
     }
 }
 
-async fn listener() -> (TcpListener, String) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    let url = format!("http://{}", listener.local_addr().expect("local addr"));
-    (listener, url)
-}
-
 fn stopper(stops: &mut Vec<oneshot::Sender<()>>) -> impl Future<Output = ()> + Send + 'static {
     let (tx, rx) = oneshot::channel();
     stops.push(tx);
@@ -56,9 +48,9 @@ fn stopper(stops: &mut Vec<oneshot::Sender<()>>) -> impl Future<Output = ()> + S
 pub(crate) async fn start_shop(step: Duration) -> Shop {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut stops = Vec::new();
-    let (user_listener, user_url) = listener().await;
-    let (payment_listener, payment_url) = listener().await;
-    let (order_listener, order_url) = listener().await;
+    let (user_listener, user_url) = loopback_listener().await.expect("bind loopback");
+    let (payment_listener, payment_url) = loopback_listener().await.expect("bind loopback");
+    let (order_listener, order_url) = loopback_listener().await.expect("bind loopback");
     let db = |name: &str| {
         minimesh_runtime::store::DbTarget::Sqlite(dir.path().join(format!("{name}.db")))
     };

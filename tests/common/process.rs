@@ -4,7 +4,7 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -143,24 +143,6 @@ pub(crate) fn process_alive(pid: i64) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
-/// Polls `check` until it returns Some, or panics after `timeout`.
-pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 pub(crate) async fn health_serving(url: &str) -> bool {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -253,55 +235,4 @@ pub(crate) async fn reflected_services(url: &str) -> Vec<String> {
         }
         other => panic!("unexpected reflection answer {other:?}"),
     }
-}
-
-/// A TLS client acting as the mesh peer `name`: a leaf the test issues
-/// itself from the mesh CA in `ca_dir`, trusting that CA, ALPN h2.
-pub(crate) fn mesh_peer_tls(ca_dir: &Path, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let leaf = minimesh_certs::issue_leaf(ca_dir, &minimesh_certs::LeafRequest::new(name))
-        .expect("issue a test leaf");
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_dir.join("ca.pem")).expect("ca.pem") {
-        roots
-            .add(cert.expect("CA certificate"))
-            .expect("trust the CA");
-    }
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-            .map(|c| c.expect("leaf certificate"))
-            .collect();
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("leaf key");
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("TLS 1.3")
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .expect("client certificate");
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    std::sync::Arc::new(config)
-}
-
-/// GET over HTTP/1.1 with a bound: a stopped process accepts but never answers.
-pub(crate) async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tokio::time::timeout(Duration::from_secs(2), async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        Some((text.get(9..12)?.parse().ok()?, text))
-    })
-    .await
-    .ok()
-    .flatten()
 }
