@@ -427,23 +427,11 @@ async fn stall(
     answered
 }
 
-#[tokio::test]
-async fn a_stalled_reader_costs_only_its_own_streams() {
-    // With one connection window for all streams the other calls hang
-    // rather than fail: bound the whole test.
-    tokio::time::timeout(Duration::from_secs(120), stalled_reader())
-        .await
-        .expect("other callers were starved by a stalled reader");
-}
-
-async fn stalled_reader() {
-    use minimesh_proto::order::v1::ListOrdersRequest;
+/// ~1 MB answers: 400 orders of 50 items for one user (its ListOrders),
+/// 1000 users with long names (ListUsers). Returns the buyer.
+async fn seed_large_answers(mesh: &Mesh) -> minimesh_proto::user::v1::User {
     use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
-    use minimesh_proto::user::v1::{CreateUserRequest, GetUserRequest, ListUsersRequest};
-    use prost::Message;
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(dir.path(), &[]).await;
-    // ~1 MB answers: 400 orders of 50 items for one user, 1000 users with long names.
+    use minimesh_proto::user::v1::CreateUserRequest;
     let mut users = UserServiceClient::connect(mesh.app_url("user"))
         .await
         .unwrap();
@@ -482,6 +470,26 @@ async fn stalled_reader() {
     for seeder in seeders {
         seeder.await.unwrap();
     }
+    buyer
+}
+
+#[tokio::test]
+async fn a_stalled_reader_costs_only_its_own_streams() {
+    // With one connection window for all streams the other calls hang
+    // rather than fail: bound the whole test.
+    tokio::time::timeout(Duration::from_secs(120), stalled_reader())
+        .await
+        .expect("other callers were starved by a stalled reader");
+}
+
+async fn stalled_reader() {
+    use minimesh_proto::order::v1::ListOrdersRequest;
+    use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
+    use minimesh_proto::user::v1::{GetUserRequest, ListUsersRequest};
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh(dir.path(), &[]).await;
+    let buyer = seed_large_answers(&mesh).await;
     let gateway = gateway_addr(&mesh);
     let list_orders = ListOrdersRequest {
         user_id: buyer.id.clone(),
@@ -612,4 +620,80 @@ async fn calls_past_the_app_stream_limit_get_resource_exhausted() {
         (in_flight().await? == 0).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn responses_a_reader_stopped_taking_are_cancelled_and_free_their_slots() {
+    use minimesh_proto::order::v1::ListOrdersRequest;
+    use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = start_mesh_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("MINIMESH_STALL_TIMEOUT", "2s"),
+            ("MINIMESH_MAX_APP_STREAMS", "8"),
+        ],
+    )
+    .await;
+    let buyer = seed_large_answers(&mesh).await;
+    let list_orders = ListOrdersRequest {
+        user_id: buyer.id.clone(),
+        page_size: 1000,
+        page_token: String::new(),
+    };
+    // Eight ~800 KB answers nobody reads would hold all eight of the order service's slots.
+    let stalled = stall(
+        &gateway_addr(&mesh),
+        "/shop.order.v1.OrderService/ListOrders",
+        list_orders.encode_to_vec(),
+        8,
+    )
+    .await;
+    let order_admin = mesh.instances("order")[0]["admin"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gateway_admin = mesh.mesh_json()["gateway"]["admin"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let series = |admin: String, name: &'static str| async move {
+        gauge(&http_get(&admin, "/metrics").await?.1, name)
+    };
+    // Both the sidecar (its reader, the gateway, stopped reading) and the
+    // gateway (its client stopped) cancel them once they stall 2 s.
+    eventually(
+        Duration::from_secs(20),
+        "stalled answers cancelled",
+        || async {
+            let at_sidecar = series(
+                order_admin.clone(),
+                "minimesh_stalled_responses_cancelled_total",
+            )
+            .await?;
+            let at_gateway = series(
+                gateway_admin.clone(),
+                "minimesh_stalled_responses_cancelled_total",
+            )
+            .await?;
+            let in_flight = series(order_admin.clone(), "minimesh_app_calls_in_flight").await?;
+            (at_sidecar >= 8 && at_gateway >= 8 && in_flight == 0).then_some(())
+        },
+    )
+    .await;
+    // The slots serve other callers again.
+    let channel = tonic::transport::Endpoint::from_shared(mesh.gateway_url())
+        .unwrap()
+        .timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap();
+    let page = OrderServiceClient::new(channel)
+        .list_orders(list_orders)
+        .await
+        .expect("ListOrders after the stalled answers were cancelled");
+    assert!(page.get_ref().orders.len() >= 400);
+    drop(stalled);
 }

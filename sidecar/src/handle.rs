@@ -14,6 +14,7 @@ use crate::client::Connection;
 use crate::listener::CallGuard;
 use crate::metrics::{CallName, INBOUND, Metrics, OUTBOUND};
 use crate::route::{Routes, Via};
+use crate::stall::StallWatch;
 use crate::upstream::{CallReport, Upstream};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -52,16 +53,23 @@ fn proxy_span(kind: SpanKind, role: &'static str, path: &str) -> Span {
         trace_id = Empty, span_id = Empty)
 }
 
-/// Counts the call and closes its span when the response ends; `held`
-/// (the connection's call guard, an application slot) is released then too.
-fn finish(
-    response: Response<ProxyBody>,
-    span: Span,
+/// What a call is counted under once its response ends.
+struct Record {
     metrics: Arc<Metrics>,
     direction: &'static str,
     labels: (CallName, String),
     started: Instant,
+}
+
+/// Counts the call and closes its span when the response ends; `held`
+/// (the connection's call guard, an application slot) is released then too.
+/// The response is cancelled if its reader stalls.
+fn finish(
+    response: Response<ProxyBody>,
+    span: Span,
+    record: Record,
     held: impl Send + 'static,
+    stalls: &StallWatch,
 ) -> Response<ProxyBody> {
     let (parts, body) = response.into_parts();
     if let Some(code) = grpc_status(&parts.headers) {
@@ -74,13 +82,19 @@ fn finish(
         on_end(move |end| {
             let code = end.code();
             record_status(&span, code as i32, None);
-            let (name, client_id) = &labels;
-            metrics.request_done(direction, name, client_id, code, started.elapsed());
+            let (name, client_id) = &record.labels;
+            record.metrics.request_done(
+                record.direction,
+                name,
+                client_id,
+                code,
+                record.started.elapsed(),
+            );
             drop(span);
             drop(held);
         }),
     );
-    Response::from_parts(parts, boxed(body))
+    Response::from_parts(parts, boxed(stalls.watch(body)))
 }
 
 pub(crate) struct InboundState {
@@ -89,6 +103,7 @@ pub(crate) struct InboundState {
     pub(crate) app: Arc<Connection>,
     pub(crate) app_slots: AppSlots,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) stalls: StallWatch,
 }
 
 /// The bound on calls open to the local service (`--max-app-streams`).
@@ -218,11 +233,14 @@ pub(crate) async fn handle_inbound(
     finish(
         response,
         span,
-        state.metrics.clone(),
-        INBOUND,
-        labels,
-        started,
+        Record {
+            metrics: state.metrics.clone(),
+            direction: INBOUND,
+            labels,
+            started,
+        },
         (call, slot),
+        &state.stalls,
     )
 }
 
@@ -236,6 +254,7 @@ pub(crate) struct OutboundState {
     pub(crate) client_id: String,
     /// At the edge: the upstreams callers may reach by name (None: all).
     pub(crate) expose: Option<BTreeSet<String>>,
+    pub(crate) stalls: StallWatch,
 }
 
 pub(crate) async fn handle_outbound(
@@ -335,10 +354,13 @@ pub(crate) async fn handle_outbound(
     finish(
         response,
         span,
-        state.metrics.clone(),
-        OUTBOUND,
-        labels,
-        started,
+        Record {
+            metrics: state.metrics.clone(),
+            direction: OUTBOUND,
+            labels,
+            started,
+        },
         call,
+        &state.stalls,
     )
 }

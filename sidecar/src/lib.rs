@@ -11,6 +11,7 @@
 //! - [`body`]: streaming bodies and the proxy's own gRPC answers;
 //! - [`metrics`], [`admin`]: Prometheus series and `/live`, `/ready`, `/metrics`;
 //! - [`listener`]: the one accept loop, its limits, and HTTP/2 serving;
+//! - `stall`: responses whose reader stopped taking data, cancelled;
 //! - [`handle`]: what the inbound, outbound and gateway listeners do with a call;
 //! - [`args`], [`config`], [`resolve`], [`dump`]: flags and file, resolved
 //!   and printed back (`--check-config`);
@@ -31,6 +32,7 @@ pub mod metrics;
 mod resolve;
 pub mod route;
 pub mod server;
+mod stall;
 pub mod strict;
 pub mod tls;
 pub mod upstream;

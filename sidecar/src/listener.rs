@@ -45,6 +45,11 @@ pub struct Limits {
     /// Open connections per listener; past it, new ones wait in the kernel's backlog.
     #[arg(long, env = "MINIMESH_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Cancel a response whose reader has taken none of its data for this
+    /// long, releasing what it holds (0s: never). A response waiting on its
+    /// source (a quiet stream) is not stalled.
+    #[arg(long, env = "MINIMESH_STALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -53,6 +58,7 @@ impl Default for Limits {
             first_call_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -369,6 +375,7 @@ mod tests {
             first_call_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_connections: 1,
+            ..Limits::default()
         };
         let activity = Activity::new();
         let started = Instant::now();
@@ -386,6 +393,7 @@ mod tests {
             first_call_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1,
+            ..Limits::default()
         };
         let activity = Activity::new();
         let call = activity.call();

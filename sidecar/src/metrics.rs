@@ -106,6 +106,7 @@ pub struct Metrics {
     tls_failures: Family<DirectionLabels, Counter>,
     open_connections: Family<DirectionLabels, Gauge>,
     app_calls: Gauge,
+    stalls_cancelled: Counter,
     certificate_expiry: Gauge,
     renewals: Family<ResultLabels, Counter>,
 }
@@ -195,6 +196,12 @@ impl Metrics {
             "Calls this sidecar has open to its local service (bounded by --max-app-streams)",
             app_calls.clone(),
         );
+        let stalls_cancelled = Counter::default();
+        registry.register(
+            "minimesh_stalled_responses_cancelled",
+            "Responses cancelled because their reader took no data for --stall-timeout",
+            stalls_cancelled.clone(),
+        );
         // Failure counters are visible at zero before the first failure.
         for direction in [INBOUND, OUTBOUND] {
             let _ = tls_failures.get_or_create(&DirectionLabels { direction });
@@ -233,6 +240,7 @@ impl Metrics {
             tls_failures,
             open_connections,
             app_calls,
+            stalls_cancelled,
             certificate_expiry,
             renewals,
         })
@@ -319,6 +327,11 @@ impl Metrics {
     /// The gauge of calls open to the local service.
     pub fn app_calls(&self) -> Gauge {
         self.app_calls.clone()
+    }
+
+    /// The counter of responses cancelled for a stalled reader.
+    pub fn stalls_cancelled(&self) -> Counter {
+        self.stalls_cancelled.clone()
     }
 
     /// Every series, in the format the scraper asked for.

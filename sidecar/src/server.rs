@@ -13,6 +13,7 @@ use crate::handle::{
 use crate::listener::{self, Handshake};
 use crate::metrics::Metrics;
 use crate::resolve::{allow_list, loaded_file, naming, service, upstream_names, upstreams};
+use crate::stall::StallWatch;
 use crate::tls::TlsError;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -134,12 +135,14 @@ pub async fn run_sidecar(
     };
     let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready));
 
+    let stalls = StallWatch::start(args.limits.stall_timeout, metrics.stalls_cancelled());
     let inbound = Arc::new(InboundState {
         service: service.clone(),
         allow,
         app,
         app_slots: AppSlots::new(args.max_app_streams, metrics.app_calls()),
         metrics: metrics.clone(),
+        stalls: stalls.clone(),
     });
     let outbound = Arc::new(OutboundState {
         upstreams,
@@ -149,6 +152,7 @@ pub async fn run_sidecar(
         span_kind: SpanKind::Client,
         client_id: service.clone(),
         expose: None,
+        stalls,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let inbound_task = tokio::spawn(listener::serve(
@@ -213,6 +217,7 @@ pub async fn run_gateway(
         default_upstream: Some(args.default_upstream.clone()),
         metrics: metrics.clone(),
         span_kind: SpanKind::Server,
+        stalls: StallWatch::start(args.limits.stall_timeout, metrics.stalls_cancelled()),
         client_id: "gateway".to_owned(),
         expose: Some(
             args.expose

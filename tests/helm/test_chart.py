@@ -797,6 +797,7 @@ def test_notes_tell_how_to_reach_the_mesh():
         {"networkPolicy": {"apiServerPorts": []}},
         {"sidecar": {"maxAppStreams": 0}},
         {"sidecar": {"maxAppStreams": "many"}},
+        {"sidecar": {"stallTimeout": "30"}},
     ],
 )
 def test_schema_refuses_bad_values(bad):
@@ -930,10 +931,11 @@ def test_a_fourth_service_needs_only_its_entry_in_shop_yaml():
 
 def test_sidecar_max_app_streams_reaches_every_sidecar():
     """sidecar.maxAppStreams is the bound each sidecar puts on calls into its service."""
-    objects = install({"sidecar": {"maxAppStreams": 64}})
+    objects = install({"sidecar": {"maxAppStreams": 64, "stallTimeout": "10s"}})
     workloads = service_workloads(objects)
     assert workloads
     for sts in workloads.values():
         spec = sts["spec"]["template"]["spec"]
         sidecar = next(c for c in all_containers(spec) if c["name"] == "sidecar")
         assert env_of(sidecar)["MINIMESH_MAX_APP_STREAMS"] == "64", sts["metadata"]["name"]
+        assert env_of(sidecar)["MINIMESH_STALL_TIMEOUT"] == "10s", sts["metadata"]["name"]

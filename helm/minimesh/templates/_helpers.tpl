@@ -437,6 +437,8 @@ topologySpreadConstraints:
       value: "127.0.0.1:8080"
     - name: MINIMESH_MAX_APP_STREAMS
       value: {{ .root.Values.sidecar.maxAppStreams | int | quote }}
+    - name: MINIMESH_STALL_TIMEOUT
+      value: {{ .root.Values.sidecar.stallTimeout | quote }}
     {{- include "minimesh.podEnv" (dict "root" .root "statefulSet" .statefulSet) | nindent 4 }}
     {{- include "minimesh.proxyIdentityEnv" .root | nindent 4 }}
     {{- include "minimesh.tracingEnv" (dict "root" .root "serviceName" (printf "minimesh-sidecar-%s" .name)) | nindent 4 }}
