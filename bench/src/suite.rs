@@ -115,8 +115,34 @@ fn spawn_pair(
     Ok(pids)
 }
 
+/// A loopback port for a process the suite starts. Probing with a bind to
+/// port 0 and releasing it raced: the kernel hands the same ephemeral ports
+/// to outgoing connections (and to the next probe), and a proxy once failed
+/// with "Address already in use". So ports come from below the ephemeral
+/// range, and none is given out twice in a run.
 fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let span = u32::from(high - low);
+    // Spread by pid, so two suites at once start far apart.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for step in 0..span.min(5000) {
+        let port = low + ((start + step * 97) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            given.insert(port);
+            return Ok(probe.local_addr()?);
+        }
+    }
+    anyhow::bail!("no free loopback port between {low} and {high}")
 }
 
 fn s(v: impl ToString) -> String {
