@@ -14,6 +14,7 @@
 
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
+use slab::Slab;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -64,7 +65,9 @@ pub(crate) struct StallWatch {
 
 struct WatchState {
     timeout: Duration,
-    watched: Mutex<Vec<Weak<dyn Expire>>>,
+    /// Open responses; each leaves when it is dropped (a list swept once a
+    /// second kept every call of that second: +5 MiB at 20k calls/s).
+    watched: Mutex<Slab<Weak<dyn Expire>>>,
     cancelled: Counter,
 }
 
@@ -74,7 +77,7 @@ impl StallWatch {
     pub(crate) fn start(timeout: Duration, cancelled: Counter) -> Self {
         let state = Arc::new(WatchState {
             timeout,
-            watched: Mutex::new(Vec::new()),
+            watched: Mutex::new(Slab::new()),
             cancelled,
         });
         if !timeout.is_zero() {
@@ -102,17 +105,18 @@ impl StallWatch {
             inner: Mutex::new(Some(body)),
             waiting_since: AtomicU64::new(0),
         });
-        if !self.state.timeout.is_zero() {
+        let key = (!self.state.timeout.is_zero()).then(|| {
             let weak: Weak<dyn Expire> = Arc::downgrade(&watched) as Weak<dyn Expire>;
             self.state
                 .watched
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(weak);
-        }
+                .insert(weak)
+        });
         Stallable {
             watched,
             timeout: self.state.timeout,
+            registered: key.map(|key| (key, self.state.clone())),
         }
     }
 }
@@ -121,17 +125,17 @@ impl WatchState {
     fn sweep(&self) {
         let cutoff = now_ms().saturating_sub(self.timeout.as_millis() as u64);
         let mut cancelled = 0;
-        self.watched
+        // Cancelled ones stay until their body is dropped, which removes them.
+        for (_, weak) in self
+            .watched
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|weak| match weak.upgrade().and_then(|w| w.expire(cutoff)) {
-                Some(true) => {
-                    cancelled += 1;
-                    false
-                }
-                Some(false) => true,
-                None => false,
-            });
+            .iter()
+        {
+            if weak.upgrade().and_then(|w| w.expire(cutoff)) == Some(true) {
+                cancelled += 1;
+            }
+        }
         if cancelled > 0 {
             self.cancelled.inc_by(cancelled);
             tracing::info!(
@@ -147,6 +151,20 @@ impl WatchState {
 pub(crate) struct Stallable<B> {
     watched: Arc<Watched<B>>,
     timeout: Duration,
+    /// Its place in the watch, given back on drop.
+    registered: Option<(usize, Arc<WatchState>)>,
+}
+
+impl<B> Drop for Stallable<B> {
+    fn drop(&mut self) {
+        if let Some((key, state)) = self.registered.take() {
+            state
+                .watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_remove(key);
+        }
+    }
 }
 
 /// Why a stalled response ended.
@@ -305,7 +323,9 @@ mod tests {
         let body = watch.watch(StreamBody::new(frames));
         let collected = body.collect().await.expect("whole body").to_bytes();
         assert_eq!(&collected[..], b"done");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(watch.state.watched.lock().unwrap().is_empty(), "swept");
+        assert!(
+            watch.state.watched.lock().unwrap().is_empty(),
+            "a finished body leaves the watch when dropped"
+        );
     }
 }
