@@ -49,6 +49,7 @@ pids+=($!)
 payment_sidecar=$!
 "$bin" sidecar --service order --inbound 127.0.0.1:$(port) --outbound "$outbound" \
   --admin 127.0.0.1:$(port) --app 127.0.0.1:$(port) --upstream "payment=$inbound" \
+  --route shop.payment.=payment \
   --ca "$work/ca/ca.pem" --cert "$work/order/order.pem" --key "$work/order/order.key" \
   >"$work/order.log" 2>&1 &
 pids+=($!)

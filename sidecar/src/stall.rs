@@ -16,42 +16,44 @@ use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use slab::Slab;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::time::Instant;
-
-/// Milliseconds since the first call to this function, plus one (0 means
-/// "not waiting"): a clock that fits an atomic.
-fn now_ms() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
-    base.elapsed().as_millis() as u64 + 1
-}
 
 trait Expire: Send + Sync {
-    /// Cancels the response if it has waited on its reader since before
-    /// `cutoff_ms`; false once it is finished or cancelled.
-    fn expire(&self, cutoff_ms: u64) -> Option<bool>;
+    /// One sweep: cancels the response if its reader has been holding the
+    /// same data for `stale_sweeps` sweeps in a row; None once finished.
+    fn expire(&self, stale_sweeps: u32) -> Option<bool>;
 }
 
 struct Watched<B> {
     /// The response being sent; taken (and dropped) on a stall.
     inner: Mutex<Option<B>>,
-    /// When the reader was last given data it has not asked past (now_ms), or 0.
-    waiting_since: AtomicU64,
+    /// Data frames handed to the reader, shifted left one; the low bit is
+    /// set while the reader holds the last one without asking for more.
+    /// Counting rather than timestamping keeps clock reads off the path of
+    /// every frame; the sweeper measures time in sweeps.
+    progress: AtomicU64,
+    /// `progress` as the last sweep saw it, and for how many sweeps it stood.
+    seen: AtomicU64,
+    stale: AtomicU32,
 }
 
 impl<B: Send> Expire for Watched<B> {
-    fn expire(&self, cutoff_ms: u64) -> Option<bool> {
+    fn expire(&self, stale_sweeps: u32) -> Option<bool> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.as_ref()?;
-        let since = self.waiting_since.load(Ordering::Relaxed);
-        if since != 0 && since < cutoff_ms {
-            // Dropping the body resets its source's stream and frees its buffers.
-            *inner = None;
-            return Some(true);
+        let now = self.progress.load(Ordering::Relaxed);
+        let waiting = now & 1 == 1;
+        if waiting && self.seen.swap(now, Ordering::Relaxed) == now {
+            if self.stale.fetch_add(1, Ordering::Relaxed) + 1 >= stale_sweeps {
+                // Dropping the body resets its source's stream and frees its buffers.
+                *inner = None;
+                return Some(true);
+            }
+        } else {
+            self.stale.store(0, Ordering::Relaxed);
         }
         Some(false)
     }
@@ -65,6 +67,8 @@ pub(crate) struct StallWatch {
 
 struct WatchState {
     timeout: Duration,
+    /// Sweeps a reader may hold the same data before it counts as stalled.
+    stale_sweeps: u32,
     /// Open responses; each leaves when it is dropped (a list swept once a
     /// second kept every call of that second: +5 MiB at 20k calls/s).
     watched: Mutex<Slab<Weak<dyn Expire>>>,
@@ -75,14 +79,16 @@ impl StallWatch {
     /// A watch cancelling responses stalled for `timeout` (zero: never);
     /// spawns its sweeper, which ends when the last clone is dropped.
     pub(crate) fn start(timeout: Duration, cancelled: Counter) -> Self {
+        let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let stale_sweeps = timeout.as_millis().div_ceil(every.as_millis().max(1)) as u32;
         let state = Arc::new(WatchState {
             timeout,
+            stale_sweeps: stale_sweeps.max(1),
             watched: Mutex::new(Slab::new()),
             cancelled,
         });
         if !timeout.is_zero() {
             let weak = Arc::downgrade(&state);
-            let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -103,7 +109,9 @@ impl StallWatch {
     {
         let watched = Arc::new(Watched {
             inner: Mutex::new(Some(body)),
-            waiting_since: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            stale: AtomicU32::new(0),
         });
         let key = (!self.state.timeout.is_zero()).then(|| {
             let weak: Weak<dyn Expire> = Arc::downgrade(&watched) as Weak<dyn Expire>;
@@ -123,7 +131,6 @@ impl StallWatch {
 
 impl WatchState {
     fn sweep(&self) {
-        let cutoff = now_ms().saturating_sub(self.timeout.as_millis() as u64);
         let mut cancelled = 0;
         // Cancelled ones stay until their body is dropped, which removes them.
         for (_, weak) in self
@@ -132,7 +139,7 @@ impl WatchState {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            if weak.upgrade().and_then(|w| w.expire(cutoff)) == Some(true) {
+            if weak.upgrade().and_then(|w| w.expire(self.stale_sweeps)) == Some(true) {
                 cancelled += 1;
             }
         }
@@ -186,7 +193,7 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
         // Asked for more: whatever it was given has been taken.
-        this.watched.waiting_since.store(0, Ordering::Relaxed);
+        this.watched.progress.fetch_and(!1, Ordering::Relaxed);
         let mut inner = this.watched.inner.lock().unwrap_or_else(|e| e.into_inner());
         let Some(body) = inner.as_mut() else {
             return Poll::Ready(Some(Err(Stalled(this.timeout).into())));
@@ -194,9 +201,11 @@ where
         match Pin::new(body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data() {
+                    // Next count, waiting bit set (a single writer: this body).
+                    let count = this.watched.progress.load(Ordering::Relaxed) >> 1;
                     this.watched
-                        .waiting_since
-                        .store(now_ms(), Ordering::Relaxed);
+                        .progress
+                        .store(((count + 1) << 1) | 1, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -204,7 +213,6 @@ where
             Poll::Ready(None) => {
                 // Finished: nothing left to watch.
                 *inner = None;
-                this.watched.waiting_since.store(0, Ordering::Relaxed);
                 drop(inner);
                 Poll::Ready(None)
             }
