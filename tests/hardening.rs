@@ -8,7 +8,7 @@ use common::process::*;
 use common::*;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_testsupport::tls::mesh_peer;
-use minimesh_testsupport::{eventually, http_get};
+use minimesh_testsupport::{eventually, http_get, metrics};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -146,15 +146,10 @@ async fn the_connection_cap_holds_and_frees() {
     for _ in 0..30 {
         held.push(TcpStream::connect(&gateway).await.unwrap());
     }
-    let open = |text: &str| -> Option<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix("minimesh_open_connections{direction=\"inbound\"} "))?
-            .trim()
-            .parse()
-            .ok()
-    };
+    let open =
+        |text: &str| metrics::value(text, "minimesh_open_connections{direction=\"inbound\"}");
     eventually(Duration::from_secs(5), "20 connections served", || async {
-        (open(&http_get(&admin, "/metrics").await?.1)? == 20).then_some(())
+        (open(&http_get(&admin, "/metrics").await?.1)? == 20.0).then_some(())
     })
     .await;
     // Past the cap nothing more is served while the 20 stay.
@@ -168,7 +163,7 @@ async fn the_connection_cap_holds_and_frees() {
     assert!(waiting.is_err(), "served past the cap");
     assert_eq!(
         open(&http_get(&admin, "/metrics").await.unwrap().1),
-        Some(20)
+        Some(20.0)
     );
     drop(held);
     // Freed slots serve the queued connections and the late call.
@@ -546,14 +541,6 @@ async fn stalled_reader() {
     }
 }
 
-fn gauge(text: &str, series: &str) -> Option<i64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?
-        .trim()
-        .parse()
-        .ok()
-}
-
 #[tokio::test]
 async fn calls_past_the_app_stream_limit_get_resource_exhausted() {
     use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
@@ -565,7 +552,7 @@ async fn calls_past_the_app_stream_limit_get_resource_exhausted() {
         .unwrap()
         .to_owned();
     let in_flight = || async {
-        gauge(
+        metrics::value(
             &http_get(&admin, "/metrics").await?.1,
             "minimesh_app_calls_in_flight",
         )
@@ -584,7 +571,7 @@ async fn calls_past_the_app_stream_limit_get_resource_exhausted() {
     eventually(
         Duration::from_secs(5),
         "4 calls open to the order service",
-        || async { (in_flight().await? == 4).then_some(()) },
+        || async { (in_flight().await? == 4.0).then_some(()) },
     )
     .await;
 
@@ -601,12 +588,12 @@ async fn calls_past_the_app_stream_limit_get_resource_exhausted() {
         refused.message().contains("--max-app-streams"),
         "the refusal says which limit: {refused:?}"
     );
-    assert_eq!(in_flight().await, Some(4), "a refused call takes no slot");
+    assert_eq!(in_flight().await, Some(4.0), "a refused call takes no slot");
 
     // A stream the caller ends gives its slot back.
     drop(open.pop());
     eventually(Duration::from_secs(5), "a slot given back", || async {
-        (in_flight().await? == 3).then_some(())
+        (in_flight().await? == 3.0).then_some(())
     })
     .await;
     let served = orders.get_order(lookup).await.unwrap_err();
@@ -617,7 +604,7 @@ async fn calls_past_the_app_stream_limit_get_resource_exhausted() {
     );
     drop(open);
     eventually(Duration::from_secs(5), "every slot given back", || async {
-        (in_flight().await? == 0).then_some(())
+        (in_flight().await? == 0.0).then_some(())
     })
     .await;
 }
@@ -660,7 +647,7 @@ async fn responses_a_reader_stopped_taking_are_cancelled_and_free_their_slots() 
         .unwrap()
         .to_owned();
     let series = |admin: String, name: &'static str| async move {
-        gauge(&http_get(&admin, "/metrics").await?.1, name)
+        metrics::value(&http_get(&admin, "/metrics").await?.1, name)
     };
     // Both the sidecar (its reader, the gateway, stopped reading) and the
     // gateway (its client stopped) cancel them once they stall 2 s.
@@ -679,7 +666,7 @@ async fn responses_a_reader_stopped_taking_are_cancelled_and_free_their_slots() 
             )
             .await?;
             let in_flight = series(order_admin.clone(), "minimesh_app_calls_in_flight").await?;
-            (at_sidecar >= 8 && at_gateway >= 8 && in_flight == 0).then_some(())
+            (at_sidecar >= 8.0 && at_gateway >= 8.0 && in_flight == 0.0).then_some(())
         },
     )
     .await;

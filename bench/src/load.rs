@@ -136,8 +136,15 @@ impl Report {
         self
     }
 
-    /// Folds another run of the same workload into this one.
+    /// Folds another run of the same workload into this one, run after it.
     pub fn merge(&mut self, other: &Report) {
+        self.add_counts(other);
+        let elapsed = self.elapsed_s + other.elapsed_s;
+        *self = std::mem::take(self).finish(Duration::from_secs_f64(elapsed));
+    }
+
+    /// Adds another run's calls, errors and latencies (not its time).
+    fn add_counts(&mut self, other: &Report) {
         self.ok += other.ok;
         for (code, n) in &other.errors {
             *self.errors.entry(code.clone()).or_default() += n;
@@ -149,8 +156,6 @@ impl Report {
             (None, Some(theirs)) => self.histogram = Some(theirs.clone()),
             _ => {}
         }
-        let elapsed = self.elapsed_s + other.elapsed_s;
-        *self = std::mem::take(self).finish(Duration::from_secs_f64(elapsed));
     }
 }
 
@@ -202,17 +207,7 @@ pub async fn run(target: &str, workload: &Workload) -> Result<Report, LoadError>
         let Ok(part) = part.await else { continue };
         let part = part?;
         elapsed = elapsed.max(part.elapsed_s);
-        total.ok += part.ok;
-        for (code, n) in &part.errors {
-            *total.errors.entry(code.clone()).or_default() += n;
-        }
-        match (&mut total.histogram, &part.histogram) {
-            (Some(mine), Some(theirs)) => {
-                let _ = mine.add(theirs);
-            }
-            (None, Some(theirs)) => total.histogram = Some(theirs.clone()),
-            _ => {}
-        }
+        total.add_counts(&part);
     }
     // The connections ran side by side: the run took as long as the slowest.
     Ok(total.finish(Duration::from_secs_f64(elapsed)))
