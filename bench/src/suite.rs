@@ -33,9 +33,18 @@ pub struct SuiteArgs {
     /// Where results.json and results.md go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
-    /// Scenarios to skip (direct, minimesh, gateway, haproxy, nginx).
+    /// Scenarios to skip (direct, minimesh, minimesh-b, gateway, haproxy, nginx).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
+    /// Run only these workloads, by their 1-based position in the plan (e.g. `2,6,10`):
+    /// for a quick before/after of one change. The full plan is what BENCHMARKS.md quotes.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<usize>,
+    /// A second minimesh binary whose three sidecars run as the scenario
+    /// `minimesh-b`, beside the first, against the same backend: a change
+    /// measured side by side in one run.
+    #[arg(long)]
+    pub compare_bin: Option<PathBuf>,
 }
 
 /// A running process that is killed when dropped.
@@ -272,6 +281,77 @@ fn machine() -> BTreeMap<String, String> {
     m
 }
 
+/// The listening addresses of one mesh of three sidecars.
+struct MeshAddrs {
+    outbound: SocketAddr,
+    payment_inbound: SocketAddr,
+    order_inbound: SocketAddr,
+}
+
+/// Starts order's sidecar (outbound) and the payment and order sidecars
+/// (inbound, in front of the backend) from `bin`, their process names
+/// prefixed with `prefix`.
+fn spawn_mesh(
+    procs: &mut Vec<Proc>,
+    dir: &Path,
+    bin: &Path,
+    prefix: &str,
+    backend: SocketAddr,
+    identity: &dyn Fn(&str) -> Vec<String>,
+) -> anyhow::Result<MeshAddrs> {
+    let (pay_in, ord_in, out) = (free_port()?, free_port()?, free_port()?);
+    for (service, inbound) in [("payment", pay_in), ("order", ord_in)] {
+        let mut a = vec![
+            s("sidecar"),
+            s("--service"),
+            s(service),
+            s("--inbound"),
+            s(inbound),
+            s("--outbound"),
+            s(free_port()?),
+        ];
+        a.extend([
+            s("--admin"),
+            s(free_port()?),
+            s("--app"),
+            s(backend),
+            s("--allow"),
+            s("order,gateway"),
+        ]);
+        a.extend(identity(service));
+        let name = format!("{prefix}{service}-inbound");
+        procs.push(spawn(&name, bin, &a, &dir.join(format!("{name}.log")))?);
+    }
+    let mut a = vec![
+        s("sidecar"),
+        s("--service"),
+        s("order"),
+        s("--inbound"),
+        s(free_port()?),
+        s("--outbound"),
+        s(out),
+    ];
+    a.extend([s("--admin"), s(free_port()?), s("--app"), s(free_port()?)]);
+    a.extend([
+        s("--upstream"),
+        format!("payment={pay_in}"),
+        s("--upstream"),
+        format!("order={ord_in}"),
+        s("--route"),
+        s("shop.payment.=payment"),
+        s("--route"),
+        s("shop.order.=order"),
+    ]);
+    a.extend(identity("order"));
+    let name = format!("{prefix}order-outbound");
+    procs.push(spawn(&name, bin, &a, &dir.join(format!("{name}.log")))?);
+    Ok(MeshAddrs {
+        outbound: out,
+        payment_inbound: pay_in,
+        order_inbound: ord_in,
+    })
+}
+
 /// Runs every scenario and writes results.json and results.md.
 pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     let bin = match &args.minimesh_bin {
@@ -329,60 +409,14 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     }];
 
     // minimesh: order's sidecar (outbound) → mTLS → payment's (or order's) sidecar (inbound) → backend.
-    let (pay_in, ord_in, out) = (free_port()?, free_port()?, free_port()?);
-    for (service, inbound) in [("payment", pay_in), ("order", ord_in)] {
-        let mut a = vec![
-            s("sidecar"),
-            s("--service"),
-            s(service),
-            s("--inbound"),
-            s(inbound),
-            s("--outbound"),
-            s(free_port()?),
-        ];
-        a.extend([
-            s("--admin"),
-            s(free_port()?),
-            s("--app"),
-            s(backend),
-            s("--allow"),
-            s("order,gateway"),
-        ]);
-        a.extend(identity(service));
-        procs.push(spawn(
-            &format!("{service}-inbound"),
-            &bin,
-            &a,
-            &dir.join(format!("{service}-inbound.log")),
-        )?);
-    }
-    let mut a = vec![
-        s("sidecar"),
-        s("--service"),
-        s("order"),
-        s("--inbound"),
-        s(free_port()?),
-        s("--outbound"),
-        s(out),
-    ];
-    a.extend([s("--admin"), s(free_port()?), s("--app"), s(free_port()?)]);
-    a.extend([
-        s("--upstream"),
-        format!("payment={pay_in}"),
-        s("--upstream"),
-        format!("order={ord_in}"),
-        s("--route"),
-        s("shop.payment.=payment"),
-        s("--route"),
-        s("shop.order.=order"),
-    ]);
-    a.extend(identity("order"));
-    procs.push(spawn(
-        "order-outbound",
-        &bin,
-        &a,
-        &dir.join("order-outbound.log"),
-    )?);
+    let mesh = spawn_mesh(&mut procs, dir, &bin, "", backend, &identity)?;
+    let (pay_in, ord_in) = (mesh.payment_inbound, mesh.order_inbound);
+    let mesh_b = match &args.compare_bin {
+        Some(other) => Some(spawn_mesh(
+            &mut procs, dir, other, "b-", backend, &identity,
+        )?),
+        None => None,
+    };
     let gateway = free_port()?;
     let mut g = vec![
         s("gateway"),
@@ -416,10 +450,18 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     };
     scenarios.push(Scenario {
         name: "minimesh",
-        target: format!("http://{out}"),
+        target: format!("http://{}", mesh.outbound),
         proxies: path("order-outbound", "payment-inbound"),
         order_proxies: Some(path("order-outbound", "order-inbound")),
     });
+    if let Some(b) = &mesh_b {
+        scenarios.push(Scenario {
+            name: "minimesh-b",
+            target: format!("http://{}", b.outbound),
+            proxies: path("b-order-outbound", "b-payment-inbound"),
+            order_proxies: Some(path("b-order-outbound", "b-order-inbound")),
+        });
+    }
     scenarios.push(Scenario {
         name: "gateway",
         target: format!("http://{gateway}"),
@@ -525,7 +567,21 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         }
     }
 
-    let plan = workloads(round);
+    let mut plan = workloads(round);
+    if !args.only.is_empty() {
+        let total = plan.len();
+        let mut position = 0;
+        plan.retain(|_| {
+            position += 1;
+            args.only.contains(&position)
+        });
+        if plan.is_empty() {
+            bail!(
+                "--only {:?} names no workload (there are {total})",
+                args.only
+            );
+        }
+    }
     let mut cells: Vec<BTreeMap<String, Cell>> = plan.iter().map(|_| BTreeMap::new()).collect();
     for round_no in 0..rounds {
         for (w, workload) in plan.iter().enumerate() {

@@ -190,7 +190,10 @@ impl Connection {
             return Ok(sender.clone());
         }
         *slot = None;
-        let sender = self.connect().await?;
+        // Boxed: the connect future (TCP, TLS and h2 handshakes) is several
+        // KiB, and inline it made every call's future that large, to be
+        // moved (memcpy) on each call although connecting is rare.
+        let sender = Box::pin(self.connect()).await?;
         *slot = Some(sender.clone());
         Ok(sender)
     }

@@ -57,7 +57,7 @@ fn proxy_span(kind: SpanKind, role: &'static str, path: &str) -> Span {
 struct Record {
     metrics: Arc<Metrics>,
     direction: &'static str,
-    labels: (CallName, String),
+    labels: (CallName, Arc<str>),
     started: Instant,
 }
 
@@ -169,7 +169,9 @@ pub(crate) async fn handle_inbound(
         } else {
             CallName::unrouted()
         },
-        caller.as_ref().map_or_else(String::new, |c| c.name.clone()),
+        caller
+            .as_ref()
+            .map_or_else(|| Arc::from(""), |c| Arc::from(c.name.as_str())),
     );
     let response = async {
         let Some(caller) = caller else {
@@ -251,7 +253,7 @@ pub(crate) struct OutboundState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) span_kind: SpanKind,
     /// This proxy's own identity name, the `client_id` of its outbound calls.
-    pub(crate) client_id: String,
+    pub(crate) client_id: Arc<str>,
     /// At the edge: the upstreams callers may reach by name (None: all).
     pub(crate) expose: Option<BTreeSet<String>>,
     pub(crate) stalls: StallWatch,

@@ -15,13 +15,13 @@ pub struct CallLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// The gRPC service called (or `unrouted`).
-    pub service: String,
+    pub service: Arc<str>,
     /// The gRPC method called (or `unrouted`).
-    pub method: String,
+    pub method: Arc<str>,
     /// The final gRPC status code, as a number.
-    pub grpc_status: String,
+    pub grpc_status: u32,
     /// The caller's identity name (`gateway`, `order`, …).
-    pub client_id: String,
+    pub client_id: Arc<str>,
 }
 
 /// Labels of `minimesh_request_duration_seconds`.
@@ -30,11 +30,11 @@ pub struct LatencyLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// The gRPC service called (or `unrouted`).
-    pub service: String,
+    pub service: Arc<str>,
     /// The gRPC method called (or `unrouted`).
-    pub method: String,
+    pub method: Arc<str>,
     /// The caller's identity name (`gateway`, `order`, …).
-    pub client_id: String,
+    pub client_id: Arc<str>,
 }
 
 /// Labels every series of one proxy carries: what it is and what it fronts.
@@ -71,27 +71,31 @@ pub const OUTBOUND: &str = "outbound";
 pub const UNROUTED: &str = "unrouted";
 
 /// The `service`/`method` labels of one call, fixed once it is known where
-/// the call goes.
+/// the call goes. Shared strings: counting a call clones no label text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallName {
     /// The gRPC service, e.g. `shop.order.v1.OrderService`.
-    pub service: String,
+    pub service: Arc<str>,
     /// The method, e.g. `CreateOrder`.
-    pub method: String,
+    pub method: Arc<str>,
 }
 
 impl CallName {
     /// `/pkg.Service/Method` split into its service and method.
     pub fn of(path: &str) -> Self {
-        let (service, method) = labels_of(path);
-        Self { service, method }
+        let trimmed = path.trim_start_matches('/');
+        let (service, method) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+        Self {
+            service: service.into(),
+            method: method.into(),
+        }
     }
 
     /// The labels of a call that was not forwarded.
     pub fn unrouted() -> Self {
         Self {
-            service: UNROUTED.to_owned(),
-            method: UNROUTED.to_owned(),
+            service: UNROUTED.into(),
+            method: UNROUTED.into(),
         }
     }
 }
@@ -121,15 +125,6 @@ pub struct ResultLabels {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
-    }
-}
-
-/// Splits `/pkg.Service/Method` into the service and method labels.
-pub fn labels_of(path: &str) -> (String, String) {
-    let trimmed = path.trim_start_matches('/');
-    match trimmed.split_once('/') {
-        Some((service, method)) => (service.to_owned(), method.to_owned()),
-        None => (trimmed.to_owned(), String::new()),
     }
 }
 
@@ -263,7 +258,7 @@ impl Metrics {
         &self,
         direction: &'static str,
         name: &CallName,
-        client_id: &str,
+        client_id: &Arc<str>,
         grpc_status: u32,
         elapsed: std::time::Duration,
     ) {
@@ -272,7 +267,7 @@ impl Metrics {
                 direction,
                 service: name.service.clone(),
                 method: name.method.clone(),
-                client_id: client_id.to_owned(),
+                client_id: client_id.clone(),
             })
             .observe(elapsed.as_secs_f64());
         self.requests
@@ -280,8 +275,8 @@ impl Metrics {
                 direction,
                 service: name.service.clone(),
                 method: name.method.clone(),
-                grpc_status: grpc_status.to_string(),
-                client_id: client_id.to_owned(),
+                grpc_status,
+                client_id: client_id.clone(),
             })
             .inc();
     }

@@ -150,7 +150,7 @@ pub async fn run_sidecar(
         default_upstream: None,
         metrics: metrics.clone(),
         span_kind: SpanKind::Client,
-        client_id: service.clone(),
+        client_id: Arc::from(service.as_str()),
         expose: None,
         stalls,
     });
@@ -218,7 +218,7 @@ pub async fn run_gateway(
         metrics: metrics.clone(),
         span_kind: SpanKind::Server,
         stalls: StallWatch::start(args.limits.stall_timeout, metrics.stalls_cancelled()),
-        client_id: "gateway".to_owned(),
+        client_id: Arc::from("gateway"),
         expose: Some(
             args.expose
                 .iter()

@@ -7,8 +7,8 @@ const CHARGE: &str = "/shop.payment.v1.PaymentService/Charge";
 fn series_carry_the_contract_labels() {
     let metrics = Metrics::new("sidecar", "payment", &[]);
     let ms3 = std::time::Duration::from_millis(3);
-    metrics.request_done(INBOUND, &CallName::of(CHARGE), "order", 0, ms3);
-    metrics.request_done(INBOUND, &CallName::of(CHARGE), "order", 7, ms3);
+    metrics.request_done(INBOUND, &CallName::of(CHARGE), &"order".into(), 0, ms3);
+    metrics.request_done(INBOUND, &CallName::of(CHARGE), &"order".into(), 7, ms3);
     metrics.retry(OUTBOUND, "payment");
     metrics.ejection(OUTBOUND, "payment");
     metrics.tls_failure(INBOUND);
@@ -55,7 +55,7 @@ fn unrouted_calls_share_one_series() {
         metrics.request_done(
             OUTBOUND,
             &CallName::unrouted(),
-            "gateway",
+            &"gateway".into(),
             12,
             Default::default(),
         );
