@@ -45,6 +45,10 @@ pub struct SuiteArgs {
     /// measured side by side in one run.
     #[arg(long)]
     pub compare_bin: Option<PathBuf>,
+    /// The `--compare-bin` binary predates `--route` (it routes by the
+    /// `shop.<name>.vN` path itself, as minimesh did before the proxy knew no protos).
+    #[arg(long, requires = "compare_bin")]
+    pub compare_without_routes: bool,
 }
 
 /// A running process that is killed when dropped.
@@ -298,6 +302,7 @@ fn spawn_mesh(
     prefix: &str,
     backend: SocketAddr,
     identity: &dyn Fn(&str) -> Vec<String>,
+    routes: bool,
 ) -> anyhow::Result<MeshAddrs> {
     let (pay_in, ord_in, out) = (free_port()?, free_port()?, free_port()?);
     for (service, inbound) in [("payment", pay_in), ("order", ord_in)] {
@@ -337,11 +342,15 @@ fn spawn_mesh(
         format!("payment={pay_in}"),
         s("--upstream"),
         format!("order={ord_in}"),
-        s("--route"),
-        s("shop.payment.=payment"),
-        s("--route"),
-        s("shop.order.=order"),
     ]);
+    if routes {
+        a.extend([
+            s("--route"),
+            s("shop.payment.=payment"),
+            s("--route"),
+            s("shop.order.=order"),
+        ]);
+    }
     a.extend(identity("order"));
     let name = format!("{prefix}order-outbound");
     procs.push(spawn(&name, bin, &a, &dir.join(format!("{name}.log")))?);
@@ -409,11 +418,17 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     }];
 
     // minimesh: order's sidecar (outbound) → mTLS → payment's (or order's) sidecar (inbound) → backend.
-    let mesh = spawn_mesh(&mut procs, dir, &bin, "", backend, &identity)?;
+    let mesh = spawn_mesh(&mut procs, dir, &bin, "", backend, &identity, true)?;
     let (pay_in, ord_in) = (mesh.payment_inbound, mesh.order_inbound);
     let mesh_b = match &args.compare_bin {
         Some(other) => Some(spawn_mesh(
-            &mut procs, dir, other, "b-", backend, &identity,
+            &mut procs,
+            dir,
+            other,
+            "b-",
+            backend,
+            &identity,
+            !args.compare_without_routes,
         )?),
         None => None,
     };
