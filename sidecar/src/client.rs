@@ -6,6 +6,7 @@
 use crate::body::ProxyBody;
 use crate::metrics::{Metrics, OUTBOUND};
 use crate::tls::{Reloader, server_name};
+use crate::window::Windows;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -68,6 +69,7 @@ pub struct Connection {
     addr: SocketAddr,
     transport: Transport,
     connect_timeout: Duration,
+    windows: Windows,
     metrics: Arc<Metrics>,
     slot: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<ProxyBody>>>,
 }
@@ -90,12 +92,14 @@ impl Connection {
         addr: SocketAddr,
         transport: Transport,
         connect_timeout: Duration,
+        windows: Windows,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             addr,
             transport,
             connect_timeout,
+            windows,
             metrics,
             slot: tokio::sync::Mutex::new(None),
         }
@@ -123,8 +127,8 @@ impl Connection {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .initial_stream_window_size(crate::window::STREAM)
-            .initial_connection_window_size(crate::window::CONNECTION);
+            .initial_stream_window_size(self.windows.stream)
+            .initial_connection_window_size(self.windows.connection);
         let guard = self.metrics.connection(OUTBOUND);
         let sender = match &self.transport {
             Transport::Plain => {

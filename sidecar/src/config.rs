@@ -47,6 +47,16 @@ pub enum ConfigError {
     /// A route given as a flag is not `PREFIX=UPSTREAM`.
     #[error("{0}")]
     Route(String),
+    /// The HTTP/2 windows do not fit together.
+    #[error(
+        "--connection-window {connection} is smaller than --stream-window {stream}: one stream could never use its window"
+    )]
+    Windows {
+        /// Bytes per stream.
+        stream: u32,
+        /// Bytes per connection.
+        connection: u32,
+    },
     /// A route names an upstream that is not configured.
     #[error("route {prefix:?} goes to {upstream:?}, which is not a configured upstream")]
     RouteTarget {

@@ -48,7 +48,10 @@ pub mod upstream;
 /// 1 MiB froze every call after four stalled 256 KiB streams). Streams get
 /// HTTP/2's default 64 KiB, Envoy's edge setting: with 256 KiB, 64 busy bidi
 /// streams of 100 B messages took a sidecar from 15 to 60 MiB (small frames
-/// cost more memory than their bytes), for no throughput on loopback.
+/// cost more memory than their bytes). Both are flags (`--stream-window`,
+/// `--connection-window`): larger stream windows stream with less CPU, a
+/// smaller connection window bounds memory, each at the price BENCHMARKS.md
+/// measures.
 pub mod window {
     /// Per-stream window: what one stalled stream can hold buffered.
     pub const STREAM: u32 = 64 * 1024;
@@ -56,6 +59,38 @@ pub mod window {
     pub const MAX_STREAMS: u32 = 256;
     /// 16 MiB: the most one connection can ever hold buffered.
     pub const CONNECTION: u32 = STREAM * MAX_STREAMS;
+    /// HTTP/2's largest window (RFC 9113 §6.9.1).
+    pub const LARGEST: u32 = (1 << 31) - 1;
+    /// HTTP/2's initial window, the smallest the proxy accepts.
+    pub const SMALLEST: u32 = 65_535;
+
+    /// The windows of one proxy's connections, served and opened alike.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Windows {
+        /// Initial window of every stream.
+        pub stream: u32,
+        /// Window of the connection as a whole.
+        pub connection: u32,
+    }
+
+    impl Default for Windows {
+        fn default() -> Self {
+            Self {
+                stream: STREAM,
+                connection: CONNECTION,
+            }
+        }
+    }
+
+    impl Windows {
+        /// Stalled streams that fill the connection window, starving every
+        /// other call on it until the stall watch cancels them; None when
+        /// even [`MAX_STREAMS`] stalled streams leave room.
+        pub fn stalls_to_starve(&self) -> Option<u32> {
+            let fit = self.connection / self.stream.max(1);
+            (fit < MAX_STREAMS).then_some(fit.max(1))
+        }
+    }
 }
 
 pub use server::{GatewayArgs, SidecarArgs, SidecarError, run_gateway, run_sidecar};

@@ -50,6 +50,17 @@ pub struct Limits {
     /// source (a quiet stream) is not stalled.
     #[arg(long, env = "MINIMESH_STALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub stall_timeout: Duration,
+    /// HTTP/2 window of each stream, in bytes: what one slow or stalled
+    /// reader can keep buffered in the proxy. Larger streams faster per CPU.
+    #[arg(long, env = "MINIMESH_STREAM_WINDOW", default_value_t = crate::window::STREAM,
+        value_parser = clap::value_parser!(u32).range(i64::from(crate::window::SMALLEST)..=i64::from(crate::window::LARGEST)))]
+    pub stream_window: u32,
+    /// HTTP/2 window of each connection, in bytes: the most it buffers in all.
+    /// Below 256 stream windows, that many stalled readers starve the
+    /// connection's other calls until they are cancelled (--stall-timeout).
+    #[arg(long, env = "MINIMESH_CONNECTION_WINDOW", default_value_t = crate::window::CONNECTION,
+        value_parser = clap::value_parser!(u32).range(i64::from(crate::window::SMALLEST)..=i64::from(crate::window::LARGEST)))]
+    pub connection_window: u32,
 }
 
 impl Default for Limits {
@@ -59,6 +70,18 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,
             stall_timeout: Duration::from_secs(30),
+            stream_window: crate::window::STREAM,
+            connection_window: crate::window::CONNECTION,
+        }
+    }
+}
+
+impl Limits {
+    /// The HTTP/2 windows these limits give every connection.
+    pub fn windows(&self) -> crate::window::Windows {
+        crate::window::Windows {
+            stream: self.stream_window,
+            connection: self.connection_window,
         }
     }
 }
@@ -237,17 +260,20 @@ where
         let call = Box::pin(handle(caller.clone(), request, activity.call()));
         async move { Ok::<_, std::convert::Infallible>(call.await) }
     });
-    serve_h2(&h2_server(), io, service, connection).await;
+    let windows = connection.limits.windows();
+    serve_h2(&h2_server(windows), io, service, connection).await;
 }
 
-fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+fn h2_server(
+    windows: crate::window::Windows,
+) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
-        .initial_stream_window_size(crate::window::STREAM)
-        .initial_connection_window_size(crate::window::CONNECTION)
+        .initial_stream_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
         .max_concurrent_streams(crate::window::MAX_STREAMS);
     builder
 }

@@ -65,8 +65,12 @@ pub(crate) fn upstreams(
     trust_domain: &str,
     namespace: &str,
     metrics: &Arc<Metrics>,
+    windows: crate::window::Windows,
 ) -> Result<(BTreeMap<String, Arc<Upstream>>, TrafficPolicy), SidecarError> {
-    let policy = traffic.policy(file);
+    let policy = TrafficPolicy {
+        windows,
+        ..traffic.policy(file)
+    };
     let resolver: Arc<dyn Resolve> = match &traffic.hosts_file {
         Some(path) => Arc::new(HostsFileResolver { path: path.clone() }),
         None => Arc::new(SystemResolver),
@@ -98,4 +102,27 @@ pub(crate) fn upstream_names(
     file: &FileConfig,
 ) -> Result<Vec<String>, SidecarError> {
     Ok(traffic.upstreams(file)?.into_keys().collect())
+}
+
+/// The windows of `limits`, refused when the connection's is below one
+/// stream's; a warning when stalled readers could starve a connection.
+pub(crate) fn windows(
+    limits: &crate::listener::Limits,
+) -> Result<crate::window::Windows, SidecarError> {
+    let windows = limits.windows();
+    if windows.connection < windows.stream {
+        return Err(ConfigError::Windows {
+            stream: windows.stream,
+            connection: windows.connection,
+        }
+        .into());
+    }
+    if let Some(stalls) = windows.stalls_to_starve() {
+        tracing::warn!(
+            stream_window = windows.stream,
+            connection_window = windows.connection,
+            "{stalls} stalled readers fill a connection's window and hold up its other calls until --stall-timeout cancels them"
+        );
+    }
+    Ok(windows)
 }

@@ -12,7 +12,9 @@ use crate::handle::{
 };
 use crate::listener::{self, Handshake};
 use crate::metrics::Metrics;
-use crate::resolve::{allow_list, loaded_file, naming, service, upstream_names, upstreams};
+use crate::resolve::{
+    allow_list, loaded_file, naming, service, upstream_names, upstreams, windows,
+};
 use crate::stall::StallWatch;
 use crate::tls::TlsError;
 use std::future::Future;
@@ -99,6 +101,7 @@ pub async fn run_sidecar(
     .await?;
     tracing::info!(identity = %tls.current().identity(), %service, "sidecar identity loaded");
     let allow = allow_list(&args.allow, &file, &trust_domain, &namespace)?;
+    let windows = windows(&args.limits)?;
     let (upstreams, policy) = upstreams(
         &args.traffic,
         &file,
@@ -106,6 +109,7 @@ pub async fn run_sidecar(
         &trust_domain,
         &namespace,
         &metrics,
+        windows,
     )?;
     let app_addr: SocketAddr =
         args.app
@@ -119,6 +123,7 @@ pub async fn run_sidecar(
         app_addr,
         Transport::Plain,
         policy.connect_timeout,
+        windows,
         metrics.clone(),
     ));
 
@@ -208,6 +213,7 @@ pub async fn run_gateway(
         &trust_domain,
         &namespace,
         &metrics,
+        windows(&args.limits)?,
     )?;
     let listener = bind("gateway", &args.listen).await?;
     let admin_listener = bind("admin", &args.admin).await?;

@@ -5,6 +5,7 @@
 use crate::body::{Code, ProxyBody, boxed, grpc_error};
 use crate::client::{Connection, Transport};
 use crate::metrics::Metrics;
+use crate::window::Windows;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use minimesh_traffic::deadline::Deadline;
 use minimesh_traffic::discover::Endpoints;
@@ -37,6 +38,9 @@ pub struct TrafficPolicy {
     /// replicas drifted up to ±15% apart over 3000 calls; with 1 s, ±5%), while
     /// a persistently slow endpoint is re-penalised by every slow sample.
     pub ewma_decay: Duration,
+    /// HTTP/2 windows of the connections to its endpoints (`--stream-window`,
+    /// `--connection-window`).
+    pub windows: Windows,
 }
 
 impl Default for TrafficPolicy {
@@ -48,6 +52,7 @@ impl Default for TrafficPolicy {
             ejection: EjectionPolicy::default(),
             default_rtt: Duration::from_millis(30),
             ewma_decay: Duration::from_secs(1),
+            windows: Windows::default(),
         }
     }
 }
@@ -164,6 +169,7 @@ impl Upstream {
                     addr,
                     self.transport.clone(),
                     self.policy.connect_timeout,
+                    self.policy.windows,
                     self.metrics.clone(),
                 ),
                 state: Arc::new(state),

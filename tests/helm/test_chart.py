@@ -798,6 +798,8 @@ def test_notes_tell_how_to_reach_the_mesh():
         {"sidecar": {"maxAppStreams": 0}},
         {"sidecar": {"maxAppStreams": "many"}},
         {"sidecar": {"stallTimeout": "30"}},
+        {"sidecar": {"streamWindow": 1024}},
+        {"sidecar": {"connectionWindow": 4294967296}},
     ],
 )
 def test_schema_refuses_bad_values(bad):
@@ -939,3 +941,20 @@ def test_sidecar_max_app_streams_reaches_every_sidecar():
         sidecar = next(c for c in all_containers(spec) if c["name"] == "sidecar")
         assert env_of(sidecar)["MINIMESH_MAX_APP_STREAMS"] == "64", sts["metadata"]["name"]
         assert env_of(sidecar)["MINIMESH_STALL_TIMEOUT"] == "10s", sts["metadata"]["name"]
+
+
+def test_windows_reach_every_proxy():
+    """sidecar.streamWindow and connectionWindow reach every sidecar and the gateway, as bytes."""
+    objects = install({"sidecar": {"streamWindow": 262144, "connectionWindow": 67108864}})
+    proxies = []
+    for sts in service_workloads(objects).values():
+        spec = sts["spec"]["template"]["spec"]
+        proxies.append(next(c for c in all_containers(spec) if c["name"] == "sidecar"))
+    gateway = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"].endswith("-gateway"))
+    proxies.append(gateway["spec"]["template"]["spec"]["containers"][0])
+    assert len(proxies) >= 4
+    for proxy in proxies:
+        env = env_of(proxy)
+        assert (env["MINIMESH_STREAM_WINDOW"], env["MINIMESH_CONNECTION_WINDOW"]) == ("262144", "67108864")
+    defaults = env_of(next(c for c in all_containers(service_workloads(install({})).popitem()[1]["spec"]["template"]["spec"]) if c["name"] == "sidecar"))
+    assert (defaults["MINIMESH_STREAM_WINDOW"], defaults["MINIMESH_CONNECTION_WINDOW"]) == ("65536", "16777216")

@@ -439,6 +439,10 @@ topologySpreadConstraints:
       value: {{ .root.Values.sidecar.maxAppStreams | int | quote }}
     - name: MINIMESH_STALL_TIMEOUT
       value: {{ .root.Values.sidecar.stallTimeout | quote }}
+    - name: MINIMESH_STREAM_WINDOW
+      value: {{ .root.Values.sidecar.streamWindow | int | quote }}
+    - name: MINIMESH_CONNECTION_WINDOW
+      value: {{ .root.Values.sidecar.connectionWindow | int | quote }}
     {{- include "minimesh.podEnv" (dict "root" .root "statefulSet" .statefulSet) | nindent 4 }}
     {{- include "minimesh.proxyIdentityEnv" .root | nindent 4 }}
     {{- include "minimesh.tracingEnv" (dict "root" .root "serviceName" (printf "minimesh-sidecar-%s" .name)) | nindent 4 }}

@@ -65,6 +65,18 @@ impl Sidecar {
         allow: &[&str],
         traffic: TrafficArgs,
     ) -> anyhow::Result<Self> {
+        Self::start_with_limits(ca, name, app, allow, traffic, Default::default()).await
+    }
+
+    /// [`Sidecar::start`] with its listeners' `limits` (windows, timeouts).
+    pub async fn start_with_limits(
+        ca: &TestCa,
+        name: &str,
+        app: SocketAddr,
+        allow: &[&str],
+        traffic: TrafficArgs,
+        limits: minimesh_sidecar::listener::Limits,
+    ) -> anyhow::Result<Self> {
         let (inbound, outbound, admin) = (free_addr()?, free_addr()?, free_addr()?);
         let stop = spawn_sidecar(SidecarArgs {
             service: Some(name.into()),
@@ -78,7 +90,7 @@ impl Sidecar {
             check_config: false,
             identity: ca.identity_args(name)?,
             traffic,
-            limits: Default::default(),
+            limits,
         });
         wait_ok(admin, "/live", START).await?;
         Ok(Self {
