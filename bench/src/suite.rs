@@ -33,7 +33,7 @@ pub struct SuiteArgs {
     /// Where results.json and results.md go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
-    /// Scenarios to skip (direct, minimesh, minimesh-b, gateway, haproxy, nginx).
+    /// Scenarios to skip (direct, minimesh, minimesh-v, minimesh-b, gateway, haproxy, nginx).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
     /// Run only these workloads, by their 1-based position in the plan (e.g. `2,6,10`):
@@ -49,6 +49,11 @@ pub struct SuiteArgs {
     /// `shop.<name>.vN` path itself, as minimesh did before the proxy knew no protos).
     #[arg(long, requires = "compare_bin")]
     pub compare_without_routes: bool,
+    /// Extra sidecar arguments for a third mesh of this binary, the scenario
+    /// `minimesh-v` (e.g. "--stream-window 262144 --connection-window 1048576"):
+    /// a setting measured side by side with the defaults.
+    #[arg(long, allow_hyphen_values = true)]
+    pub variant: Option<String>,
 }
 
 /// A running process that is killed when dropped.
@@ -292,6 +297,15 @@ struct MeshAddrs {
     order_inbound: SocketAddr,
 }
 
+/// How one mesh's sidecars differ from the defaults.
+#[derive(Clone, Copy)]
+struct Flavor<'a> {
+    /// Give the outbound `--route`s (binaries from before it route by path).
+    routes: bool,
+    /// Further arguments for every sidecar.
+    extra: &'a [String],
+}
+
 /// Starts order's sidecar (outbound) and the payment and order sidecars
 /// (inbound, in front of the backend) from `bin`, their process names
 /// prefixed with `prefix`.
@@ -302,8 +316,9 @@ fn spawn_mesh(
     prefix: &str,
     backend: SocketAddr,
     identity: &dyn Fn(&str) -> Vec<String>,
-    routes: bool,
+    flavor: Flavor<'_>,
 ) -> anyhow::Result<MeshAddrs> {
+    let Flavor { routes, extra } = flavor;
     let (pay_in, ord_in, out) = (free_port()?, free_port()?, free_port()?);
     for (service, inbound) in [("payment", pay_in), ("order", ord_in)] {
         let mut a = vec![
@@ -324,6 +339,7 @@ fn spawn_mesh(
             s("order,gateway"),
         ]);
         a.extend(identity(service));
+        a.extend(extra.iter().cloned());
         let name = format!("{prefix}{service}-inbound");
         procs.push(spawn(&name, bin, &a, &dir.join(format!("{name}.log")))?);
     }
@@ -352,6 +368,7 @@ fn spawn_mesh(
         ]);
     }
     a.extend(identity("order"));
+    a.extend(extra.iter().cloned());
     let name = format!("{prefix}order-outbound");
     procs.push(spawn(&name, bin, &a, &dir.join(format!("{name}.log")))?);
     Ok(MeshAddrs {
@@ -418,7 +435,18 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     }];
 
     // minimesh: order's sidecar (outbound) → mTLS → payment's (or order's) sidecar (inbound) → backend.
-    let mesh = spawn_mesh(&mut procs, dir, &bin, "", backend, &identity, true)?;
+    let mesh = spawn_mesh(
+        &mut procs,
+        dir,
+        &bin,
+        "",
+        backend,
+        &identity,
+        Flavor {
+            routes: true,
+            extra: &[],
+        },
+    )?;
     let (pay_in, ord_in) = (mesh.payment_inbound, mesh.order_inbound);
     let mesh_b = match &args.compare_bin {
         Some(other) => Some(spawn_mesh(
@@ -428,8 +456,29 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
             "b-",
             backend,
             &identity,
-            !args.compare_without_routes,
+            Flavor {
+                routes: !args.compare_without_routes,
+                extra: &[],
+            },
         )?),
+        None => None,
+    };
+    let mesh_v = match &args.variant {
+        Some(extra) => {
+            let extra: Vec<String> = extra.split_whitespace().map(str::to_owned).collect();
+            Some(spawn_mesh(
+                &mut procs,
+                dir,
+                &bin,
+                "v-",
+                backend,
+                &identity,
+                Flavor {
+                    routes: true,
+                    extra: &extra,
+                },
+            )?)
+        }
         None => None,
     };
     let gateway = free_port()?;
@@ -469,6 +518,14 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         proxies: path("order-outbound", "payment-inbound"),
         order_proxies: Some(path("order-outbound", "order-inbound")),
     });
+    if let Some(v) = &mesh_v {
+        scenarios.push(Scenario {
+            name: "minimesh-v",
+            target: format!("http://{}", v.outbound),
+            proxies: path("v-order-outbound", "v-payment-inbound"),
+            order_proxies: Some(path("v-order-outbound", "v-order-inbound")),
+        });
+    }
     if let Some(b) = &mesh_b {
         scenarios.push(Scenario {
             name: "minimesh-b",
