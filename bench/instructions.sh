@@ -6,7 +6,7 @@
 #   bench/instructions.sh --old target/compare/target-8951c16/release/minimesh target/release/minimesh
 # Each BIN runs an order sidecar (outbound) and a payment sidecar (inbound)
 # under callgrind in front of the echo backend; COUNT unary 100 B calls at
-# CONCURRENCY are counted after a warm-up (env COUNT, CONCURRENCY, CALL).
+# CONCURRENCY are counted after a warm-up (env COUNT, CONCURRENCY, CALL, PAYLOAD).
 # --old marks the next binary as one from before --route (it routes by path).
 # Needs valgrind (Debian's package; installed when missing and root).
 set -euo pipefail
@@ -14,6 +14,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 count=${COUNT:-6000}
 concurrency=${CONCURRENCY:-64}
 call=${CALL:-unary}
+payload=${PAYLOAD:-100}
 if ! command -v valgrind >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] || { echo "valgrind missing" >&2; exit 1; }
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
@@ -58,13 +59,13 @@ for bin in "$@"; do
   done
   [ $ready = yes ] || { echo "$bin: the sidecars never answered (logs in $work)" >&2; trap - EXIT; exit 1; }
   "$tool" bench load --target "http://$out" --count 1000 --concurrency "$concurrency" >/dev/null
-  callgrind_control -i on "$in_pid" >/dev/null; callgrind_control -i on "$out_pid" >/dev/null
-  "$tool" bench load --target "http://$out" --call "$call" --count "$count" --concurrency "$concurrency" >"$work/load.json"
-  callgrind_control -i off "$in_pid" >/dev/null; callgrind_control -i off "$out_pid" >/dev/null
-  callgrind_control -d "$in_pid" >/dev/null; callgrind_control -d "$out_pid" >/dev/null
+  callgrind_control -i on "$in_pid" >/dev/null 2>&1; callgrind_control -i on "$out_pid" >/dev/null 2>&1
+  "$tool" bench load --target "http://$out" --call "$call" --payload "$payload" --count "$count" --concurrency "$concurrency" >"$work/load.json"
+  callgrind_control -i off "$in_pid" >/dev/null 2>&1; callgrind_control -i off "$out_pid" >/dev/null 2>&1
+  callgrind_control -d "$in_pid" >/dev/null 2>&1; callgrind_control -d "$out_pid" >/dev/null 2>&1
   for role in in out; do
-    total=$(callgrind_annotate "$work/$role.cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-    echo "$label $([ $role = in ] && echo inbound || echo outbound): $((total / count)) instructions per call ($count $call calls at concurrency $concurrency)"
+    total=$(callgrind_annotate "$work/$role.cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !seen {gsub(",", "", $1); print $1; seen = 1}')
+    echo "$label $([ $role = in ] && echo inbound || echo outbound): $((total / count)) instructions per call ($count $call calls of $payload B at concurrency $concurrency)"
   done
   kill "$in_pid" "$out_pid" 2>/dev/null || true
   wait "$in_pid" "$out_pid" 2>/dev/null || true
