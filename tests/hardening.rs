@@ -649,27 +649,34 @@ async fn responses_a_reader_stopped_taking_are_cancelled_and_free_their_slots() 
     let series = |admin: String, name: &'static str| async move {
         metrics::value(&http_get(&admin, "/metrics").await?.1, name)
     };
-    // Both the sidecar (its reader, the gateway, stopped reading) and the
-    // gateway (its client stopped) cancel them once they stall 2 s.
+    // The gateway cancels all eight: its client gives no window, so hyper
+    // never polls those bodies and nothing else can end them. The order
+    // sidecar (whose reader, the gateway, stopped reading too) cancels
+    // those its own 2 s run out on first; the gateway's cancel resets the
+    // rest. Which proxy's sweep comes first is a race, so the sidecar's
+    // count is not asserted: what must hold is that the answers end and
+    // every application slot comes back.
     eventually(
         Duration::from_secs(20),
-        "stalled answers cancelled",
+        "stalled answers cancelled and their slots free",
         || async {
-            let at_sidecar = series(
-                order_admin.clone(),
-                "minimesh_stalled_responses_cancelled_total",
-            )
-            .await?;
             let at_gateway = series(
                 gateway_admin.clone(),
                 "minimesh_stalled_responses_cancelled_total",
             )
             .await?;
             let in_flight = series(order_admin.clone(), "minimesh_app_calls_in_flight").await?;
-            (at_sidecar >= 8.0 && at_gateway >= 8.0 && in_flight == 0.0).then_some(())
+            (at_gateway >= 8.0 && in_flight == 0.0).then_some(())
         },
     )
     .await;
+    let at_sidecar = series(
+        order_admin.clone(),
+        "minimesh_stalled_responses_cancelled_total",
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(at_sidecar <= 8.0, "the sidecar cancelled {at_sidecar} of 8");
     // The slots serve other callers again.
     let channel = tonic::transport::Endpoint::from_shared(mesh.gateway_url())
         .unwrap()
