@@ -269,9 +269,8 @@ impl Upstream {
                 break;
             };
             let body = boxed(body);
-            // Each attempt is its own span, so retries show as separate tries.
-            // Without an exporter nobody sees it, and making one cost ~4,500
-            // instructions per call (a formatted name, five recorded fields).
+            // Each attempt is its own span, so retries show as separate tries; made only
+            // when exported: unseen, one cost ~4,500 instructions a call (BENCHMARKS.md).
             let attempt_span = if minimesh_telemetry::telemetry::exporting() {
                 tracing::info_span!("proxy.attempt", otel.name = %format!("{} attempt {attempt}", uri.path().trim_start_matches('/')),
                     otel.kind = "client", attempt, probe, server.address = %endpoint.addr())
