@@ -33,9 +33,56 @@ struct Shared<B> {
     /// The copy went over the cap (or replay was given up): it is incomplete.
     capped: bool,
     original: Option<B>,
+    /// A frame read from the original ahead of time (see `look_ahead`).
+    lookahead: Option<Result<Frame<Bytes>, BoxError>>,
     /// The original ended (its trailers, if any, are kept for a replay).
     ended: bool,
     trailers: Option<HeaderMap>,
+}
+
+impl<B> Shared<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The original's next frame: the one read ahead, if any, else a fresh one.
+    fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.lookahead.take() {
+            return Poll::Ready(Some(frame));
+        }
+        let Some(original) = self.original.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(original).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.ended = true;
+                self.original = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Reads one frame ahead after a data frame, so that an end already
+    /// received is known now and END_STREAM rides on that data frame. A
+    /// client's END_STREAM often comes as its own empty DATA frame in the
+    /// same read as the data; h2 queues it, so without this look the proxy
+    /// spent a second write on every unary call. A frame with content is
+    /// kept for the next read; nothing waits here.
+    fn look_ahead(&mut self, cx: &mut Context<'_>) {
+        match self.next_frame(cx) {
+            Poll::Pending | Poll::Ready(None) => {}
+            Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(Bytes::is_empty) => {
+                // An empty DATA frame carries nothing but, maybe, the end.
+                if self.original.as_ref().is_some_and(|o| o.is_end_stream()) {
+                    self.ended = true;
+                    self.original = None;
+                }
+            }
+            Poll::Ready(Some(frame)) => self.lookahead = Some(frame),
+        }
+    }
 }
 
 /// One attempt's view of the request body `B`: the first attempt reads the
@@ -63,6 +110,7 @@ impl<B> ReplayBody<B> {
             cap,
             capped: false,
             original: Some(original),
+            lookahead: None,
             ended: false,
             trailers: None,
         }));
@@ -141,17 +189,10 @@ where
             }
             return Poll::Ready(None);
         }
-        let Some(original) = shared.original.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(original).poll_frame(cx) {
+        match shared.next_frame(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                shared.ended = true;
-                shared.original = None;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     shared.head += 1;
@@ -163,6 +204,8 @@ where
                     if shared.original.as_ref().is_some_and(|o| o.is_end_stream()) {
                         shared.ended = true;
                         shared.original = None;
+                    } else {
+                        shared.look_ahead(cx);
                     }
                     if !shared.capped {
                         shared.copied_bytes += data.len();
@@ -222,6 +265,32 @@ mod tests {
         http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
     }
 
+    /// A body that knows its end as soon as its last frame is queued, as
+    /// h2's receive side does once END_STREAM has arrived.
+    struct Queued(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl Body for Queued {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    fn queued(frames: Vec<Frame<Bytes>>) -> BoxBody {
+        Queued(frames.into()).boxed_unsync()
+    }
+
+    fn data(text: &'static str) -> Frame<Bytes> {
+        Frame::data(Bytes::from_static(text.as_bytes()))
+    }
+
     async fn read_all(body: ReplayBody) -> Result<String, BoxError> {
         let bytes = body.collect().await?.to_bytes();
         Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -265,5 +334,47 @@ mod tests {
         drop(replay);
         assert!(first.shared.lock().unwrap().copy.is_empty());
         assert_eq!(read_all(first).await.unwrap(), "cd");
+    }
+
+    #[tokio::test]
+    async fn an_end_already_received_rides_on_the_last_data_frame() {
+        // DATA then an empty DATA with END_STREAM, both received.
+        let (mut first, replay) = ReplayBody::new(queued(vec![data("abc"), data("")]), 1024);
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        assert!(first.is_end_stream(), "the end is known with the data");
+        assert!(first.frame().await.is_none());
+        assert!(replay.is_complete());
+        assert_eq!(read_all(replay.replay().unwrap()).await.unwrap(), "abc");
+    }
+
+    #[tokio::test]
+    async fn a_frame_read_ahead_is_sent_next_and_replayed_in_order() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-end", http::HeaderValue::from_static("1"));
+        let frames = vec![data("ab"), data("cd"), Frame::trailers(trailers)];
+        let (mut first, replay) = ReplayBody::new(queued(frames), 1024);
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        assert!(!first.is_end_stream());
+        drop(first);
+        // The replay reads the copy, then the frame read ahead, then the rest.
+        let mut second = replay.replay().unwrap();
+        assert_eq!(
+            second.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        assert_eq!(
+            second.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "cd"
+        );
+        let last = second.frame().await.unwrap().unwrap();
+        assert_eq!(last.trailers_ref().unwrap()["x-end"], "1");
+        assert!(second.frame().await.is_none());
+        let third = replay.replay().unwrap().collect().await.unwrap();
+        assert_eq!(third.trailers().unwrap()["x-end"], "1");
+        assert_eq!(third.to_bytes(), "abcd");
     }
 }
