@@ -2,8 +2,8 @@
 # Instructions per call of each sidecar, counted by callgrind: unlike CPU
 # time, the same for the same binary and load whatever else the machine is
 # doing, so two builds compare to a fraction of a percent on a noisy box.
-#   bench/instructions.sh target/release/minimesh
-#   bench/instructions.sh --old target/compare/target-8951c16/release/minimesh target/release/minimesh
+#   bench/instructions.sh target/release/minimesh-proxy
+#   bench/instructions.sh --old target/compare/target-8951c16/release/minimesh target/release/minimesh-proxy
 # Each BIN runs an order sidecar (outbound) and a payment sidecar (inbound)
 # under callgrind in front of the echo backend; COUNT unary 100 B calls at
 # CONCURRENCY are counted after a warm-up (env COUNT, CONCURRENCY, CALL, PAYLOAD).
@@ -20,7 +20,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi
 cd "$root"
-cargo build --release --locked --bin minimesh -q
+cargo build --release --locked --bin minimesh --bin minimesh-proxy -q
 tool="$root/target/release/minimesh"
 work=$(mktemp -d)
 pids=()

@@ -39,7 +39,7 @@ raw="$out/orders-raw"
 if [ -n "${MINIMESH_BIN:-}" ]; then
   bin="$MINIMESH_BIN"
 else
-  cargo build --release --locked --bin minimesh
+  cargo build --release --locked --bin minimesh --bin minimesh-proxy
   bin="${CARGO_TARGET_DIR:-$root/target}/release/minimesh"
 fi
 command -v pg_virtualenv >/dev/null || {

@@ -16,8 +16,9 @@ fi
 if ! command -v inferno-flamegraph >/dev/null 2>&1; then
   cargo install --quiet --locked inferno
 fi
-cargo build --release --locked --bin minimesh
+cargo build --release --locked --bin minimesh --bin minimesh-proxy
 bin=target/release/minimesh
+proxy=target/release/minimesh-proxy
 
 work="$(mktemp -d)"
 pids=()
@@ -41,13 +42,13 @@ export RUST_LOG=info
 
 "$bin" bench backend --listen "$backend" >"$work/backend.log" 2>&1 &
 pids+=($!)
-"$bin" sidecar --service payment --inbound "$inbound" --outbound 127.0.0.1:$(port) \
+"$proxy" sidecar --service payment --inbound "$inbound" --outbound 127.0.0.1:$(port) \
   --admin 127.0.0.1:$(port) --app "$backend" --allow order \
   --ca "$work/ca/ca.pem" --cert "$work/payment/payment.pem" --key "$work/payment/payment.key" \
   >"$work/payment.log" 2>&1 &
 pids+=($!)
 payment_sidecar=$!
-"$bin" sidecar --service order --inbound 127.0.0.1:$(port) --outbound "$outbound" \
+"$proxy" sidecar --service order --inbound 127.0.0.1:$(port) --outbound "$outbound" \
   --admin 127.0.0.1:$(port) --app 127.0.0.1:$(port) --upstream "payment=$inbound" \
   --route shop.payment.=payment \
   --ca "$work/ca/ca.pem" --cert "$work/order/order.pem" --key "$work/order/order.key" \

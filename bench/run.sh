@@ -16,5 +16,5 @@ if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ] || { ! com
     echo "haproxy/nginx missing and not root: those scenarios will be skipped" >&2
   fi
 fi
-cargo build --release --locked --bin minimesh
-exec target/release/minimesh bench suite --minimesh-bin target/release/minimesh "$@"
+cargo build --release --locked --bin minimesh --bin minimesh-proxy
+exec target/release/minimesh bench suite --proxy-bin target/release/minimesh-proxy "$@"

@@ -18,7 +18,7 @@ out="${OUT:-$root/target/bench}"
 if [ -n "${MINIMESH_BIN:-}" ]; then
   bin="$MINIMESH_BIN"
 else
-  cargo build --release --locked --bin minimesh
+  cargo build --release --locked --bin minimesh --bin minimesh-proxy
   bin="${CARGO_TARGET_DIR:-$root/target}/release/minimesh"
 fi
 work="$(mktemp -d -t minimesh-soak.XXXXXX)"

@@ -7,8 +7,9 @@ mod up;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use minimesh_runtime::telemetry::LogFormat;
 use minimesh_runtime::{shutdown, telemetry};
+use minimesh_sidecar::process::ProxyArgs;
+use minimesh_telemetry::process::TelemetryArgs;
 use opentelemetry::KeyValue;
 use tokio::net::TcpListener;
 
@@ -71,83 +72,6 @@ struct ServiceArgs {
     service: ServiceCommand,
 }
 
-/// Trace export settings every component shares.
-#[derive(clap::Args)]
-struct TelemetryArgs {
-    /// OTLP/gRPC collector endpoint (e.g. http://127.0.0.1:4317); no export without it.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
-    otlp_endpoint: Option<String>,
-    /// Replica number, recorded as a resource attribute.
-    #[arg(long, env = "MINIMESH_REPLICA", global = true, default_value_t = 0)]
-    replica: u32,
-    /// Log lines as `text` or `json` (default: text on a terminal, JSON otherwise).
-    #[arg(long, env = "MINIMESH_LOG_FORMAT", global = true)]
-    log_format: Option<LogFormat>,
-}
-
-impl TelemetryArgs {
-    fn log_format(&self) -> LogFormat {
-        self.log_format.unwrap_or_else(LogFormat::for_stdout)
-    }
-}
-
-#[derive(clap::Args)]
-struct ProxyArgs<T: clap::Args> {
-    #[command(flatten)]
-    telemetry: TelemetryArgs,
-    /// Runtime worker threads. A sidecar defaults to 1: it shares its pod's
-    /// CPU with the application, and one thread spares every cross-thread
-    /// wake-up (see BENCHMARKS.md). The gateway defaults to one per core.
-    #[arg(long, env = "MINIMESH_PROXY_THREADS")]
-    threads: Option<usize>,
-    #[command(flatten)]
-    proxy: T,
-}
-
-async fn run_sidecar(args: ProxyArgs<minimesh_sidecar::SidecarArgs>) -> anyhow::Result<()> {
-    let service = args
-        .proxy
-        .service
-        .clone()
-        .unwrap_or_else(|| "unknown".to_owned());
-    let telemetry = telemetry::init(
-        &format!("minimesh-sidecar-{service}"),
-        args.telemetry.otlp_endpoint.as_deref(),
-        vec![
-            KeyValue::new("minimesh.service", service.clone()),
-            KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
-            KeyValue::new("service.version", VERSION),
-        ],
-        args.telemetry.log_format(),
-    )?;
-    if std::env::var_os(up::SUPERVISED_ENV).is_some() {
-        shutdown::die_with_parent();
-    }
-    minimesh_runtime::memory::spawn_trimmer();
-    let result = minimesh_sidecar::run_sidecar(args.proxy, shutdown::signal()).await;
-    telemetry.shutdown();
-    Ok(result?)
-}
-
-async fn run_gateway(args: ProxyArgs<minimesh_sidecar::GatewayArgs>) -> anyhow::Result<()> {
-    let telemetry = telemetry::init(
-        "minimesh-gateway",
-        args.telemetry.otlp_endpoint.as_deref(),
-        vec![
-            KeyValue::new("minimesh.replica", i64::from(args.telemetry.replica)),
-            KeyValue::new("service.version", VERSION),
-        ],
-        args.telemetry.log_format(),
-    )?;
-    if std::env::var_os(up::SUPERVISED_ENV).is_some() {
-        shutdown::die_with_parent();
-    }
-    minimesh_runtime::memory::spawn_trimmer();
-    let result = minimesh_sidecar::run_gateway(args.proxy, shutdown::signal()).await;
-    telemetry.shutdown();
-    Ok(result?)
-}
-
 #[derive(Subcommand)]
 enum ServiceCommand {
     /// Accounts: shop.user.v1.UserService.
@@ -162,51 +86,17 @@ fn main() -> std::process::ExitCode {
     // Before any thread exists: this reads and clears LISTEN_FDS.
     minimesh_runtime::listen::adopt_inherited();
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            // One line with the whole cause chain (`up` quotes it), no backtrace.
-            eprintln!("{}{}", up::ERROR_PREFIX, one_line(&err));
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// The error and its causes on one line, skipping a cause whose text its
-/// wrapper already quotes (many error types print their source too).
-fn one_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line
+    minimesh_telemetry::process::exit_code(run(cli).map_err(Into::into))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = match &cli.command {
-        Command::Sidecar(args) => Some(args.threads.unwrap_or(1)),
-        Command::Gateway(args) => args.threads,
+        Command::Sidecar(args) => args.runtime_threads(),
+        Command::Gateway(args) => args.runtime_threads(),
         _ => None,
     };
-    let runtime = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Some(n) if n > 1 => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-    }
-    .context("starting the Tokio runtime")?;
+    let runtime =
+        minimesh_telemetry::process::runtime(threads).context("starting the Tokio runtime")?;
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(args).await,
@@ -216,9 +106,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Certs(command) => Ok(minimesh_certs::run(command)?),
             #[cfg(feature = "bench")]
             Command::Bench(args) => minimesh_bench::run(args).await,
-            Command::Sidecar(args) => run_sidecar(args).await,
+            Command::Sidecar(args) => {
+                Ok(minimesh_sidecar::process::run_sidecar(args, VERSION).await?)
+            }
             Command::Identity(args) => run_identity(args).await,
-            Command::Gateway(args) => run_gateway(args).await,
+            Command::Gateway(args) => {
+                Ok(minimesh_sidecar::process::run_gateway(args, VERSION).await?)
+            }
             Command::Reconcile(args) => {
                 if !reconcile::run(args).await? {
                     std::process::exit(1);
@@ -236,9 +130,7 @@ async fn run_identity(args: IdentityCmd) -> anyhow::Result<()> {
         vec![KeyValue::new("service.version", VERSION)],
         args.telemetry.log_format(),
     )?;
-    if std::env::var_os(up::SUPERVISED_ENV).is_some() {
-        shutdown::die_with_parent();
-    }
+    minimesh_telemetry::process::follow_supervisor();
     let metrics = minimesh_runtime::metrics::ServiceMetrics::new(
         "minimesh_identity_certificates",
         "Certificate requests by outcome (issued, refused)",
@@ -286,9 +178,7 @@ async fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
         ],
         args.telemetry.log_format(),
     )?;
-    if std::env::var_os(up::SUPERVISED_ENV).is_some() {
-        shutdown::die_with_parent();
-    }
+    minimesh_telemetry::process::follow_supervisor();
     let result = serve_one(args.service).await;
     telemetry.shutdown();
     result

@@ -18,6 +18,13 @@ use tokio_stream::StreamExt;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The file name of the executable a process of mesh.json runs.
+fn executable(pid: &serde_json::Value) -> String {
+    let pid = pid.as_i64().expect("a pid");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the process's executable");
+    exe.file_name().unwrap().to_string_lossy().into_owned()
+}
+
 #[tokio::test]
 async fn a_client_with_only_mesh_json_shops_through_the_gateway() {
     let dir = tempfile::tempdir().unwrap();
@@ -28,8 +35,13 @@ async fn a_client_with_only_mesh_json_shops_through_the_gateway() {
             assert!(!instance[key].is_null(), "{key} missing in {instance}");
         }
         assert!(process_alive(instance["sidecar_pid"].as_i64().unwrap()));
+        // Proxies run as the proxy-only binary (a third less resident
+        // memory each), services as minimesh.
+        assert_eq!(executable(&instance["sidecar_pid"]), "minimesh-proxy");
+        assert_eq!(executable(&instance["pid"]), "minimesh");
     }
     assert!(process_alive(file["gateway"]["pid"].as_i64().unwrap()));
+    assert_eq!(executable(&file["gateway"]["pid"]), "minimesh-proxy");
     assert!(
         std::path::Path::new(file["ca_dir"].as_str().unwrap())
             .join("ca.pem")

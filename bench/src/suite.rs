@@ -18,9 +18,11 @@ use tokio::process::{Child, Command};
 /// `minimesh bench suite`: every scenario side by side.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SuiteArgs {
-    /// The minimesh binary to run proxies and the backend with (default: this one).
-    #[arg(long, env = "MINIMESH_BIN")]
-    pub minimesh_bin: Option<PathBuf>,
+    /// The binary to run the proxies with, as `sidecar …` and `gateway …`
+    /// (default: `minimesh-proxy` beside this binary, as `up` and the chart
+    /// run them, else this binary).
+    #[arg(long, env = "MINIMESH_PROXY_BIN")]
+    pub proxy_bin: Option<PathBuf>,
     /// How long each scenario runs per round.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1500ms")]
     pub round: Duration,
@@ -380,10 +382,14 @@ fn spawn_mesh(
 
 /// Runs every scenario and writes results.json and results.md.
 pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
-    let bin = match &args.minimesh_bin {
+    let this = std::env::current_exe().context("finding the minimesh binary")?;
+    let bin = match &args.proxy_bin {
         Some(path) => path.clone(),
-        None => std::env::current_exe().context("finding the minimesh binary")?,
+        None => Some(this.with_file_name("minimesh-proxy"))
+            .filter(|beside| beside.is_file())
+            .unwrap_or_else(|| this.clone()),
     };
+    eprintln!("proxies run as {}", bin.display());
     let (round, rounds) = if args.smoke {
         (Duration::from_millis(300), 1)
     } else {
@@ -423,7 +429,7 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     let backend = free_port()?;
     procs.push(spawn(
         "backend",
-        &bin,
+        &this,
         &[s("bench"), s("backend"), s("--listen"), s(backend)],
         &dir.join("backend.log"),
     )?);

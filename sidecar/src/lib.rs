@@ -15,7 +15,9 @@
 //! - [`handle`]: what the inbound, outbound and gateway listeners do with a call;
 //! - [`args`], [`config`], [`resolve`], [`dump`]: flags and file, resolved
 //!   and printed back (`--check-config`);
-//! - [`server`]: start-up, composing all of the above.
+//! - [`server`]: start-up, composing all of the above;
+//! - [`process`]: the proxy as a process (telemetry, runtime threads), as
+//!   `minimesh sidecar` and the proxy-only `minimesh-proxy` both run it.
 
 pub mod admin;
 pub mod args;
@@ -29,6 +31,7 @@ mod handle;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
+pub mod process;
 mod resolve;
 pub mod route;
 pub mod server;

@@ -2,7 +2,7 @@
 //! stop, and explain a child that died.
 
 use super::probe::Probe;
-use anyhow::Context;
+use anyhow::{Context, bail};
 use command_fds::{CommandFdExt, FdMapping};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-/// Set in every child's environment: the child then dies with its supervisor.
-pub(crate) const SUPERVISED_ENV: &str = "MINIMESH_SUPERVISED";
-/// The line a component prints on stderr when it fails, which `up` quotes.
-pub(crate) const ERROR_PREFIX: &str = "minimesh: error: ";
+pub(crate) use minimesh_telemetry::process::{ERROR_PREFIX, SUPERVISED_ENV};
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// (child index, generation, exit status)
@@ -142,8 +139,50 @@ pub(super) fn failure_line(output: &str) -> Option<String> {
 /// How long a bootstrap token stays usable: enough for a slow start.
 const BOOTSTRAP_TTL: Duration = Duration::from_secs(300);
 
+/// The executables `up` starts: itself for the services and the issuer, the
+/// proxy-only `minimesh-proxy` for sidecars and the gateway.
+pub(super) struct Programs {
+    minimesh: PathBuf,
+    proxy: PathBuf,
+}
+
+impl Programs {
+    /// `proxy` if given, else `minimesh-proxy` beside this executable if it
+    /// is there (`cargo build` makes it; `cargo run` builds only `minimesh`),
+    /// else this executable, whose `sidecar` and `gateway` are the same proxy.
+    pub(super) fn find(proxy: Option<PathBuf>) -> anyhow::Result<Self> {
+        let minimesh = std::env::current_exe().context("finding the minimesh binary")?;
+        let proxy = match proxy {
+            Some(path) if path.is_file() => path,
+            Some(path) => bail!("--proxy-bin {} is not a file", path.display()),
+            None => {
+                let beside = minimesh.with_file_name("minimesh-proxy");
+                if beside.is_file() {
+                    beside
+                } else {
+                    tracing::info!(
+                        "no minimesh-proxy beside {}: proxies run as `minimesh sidecar` \
+                         (`cargo build --release --bins` builds it)",
+                        minimesh.display()
+                    );
+                    minimesh.clone()
+                }
+            }
+        };
+        tracing::info!(proxy = %proxy.display(), "sidecars and the gateway run as");
+        Ok(Self { minimesh, proxy })
+    }
+
+    fn for_args(&self, args: &[String]) -> &Path {
+        match args.first().map(String::as_str) {
+            Some("sidecar" | "gateway") => &self.proxy,
+            _ => &self.minimesh,
+        }
+    }
+}
+
 pub(super) fn spawn(
-    exe: &Path,
+    programs: &Programs,
     child: &mut Child,
     index: usize,
     exits: &mpsc::UnboundedSender<Exit>,
@@ -172,7 +211,7 @@ pub(super) fn spawn(
             child_fd: 3 + i as i32,
         })
         .collect();
-    let mut command = Command::new(exe);
+    let mut command = Command::new(programs.for_args(&child.args));
     // Secrets from up's own environment go to no child; the child's own env may set them.
     command
         .env_remove(minimesh_identity::bootstrap::TOKEN_ENV)

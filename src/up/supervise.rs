@@ -3,11 +3,11 @@
 //! naming live pids, and stop everything on a shutdown signal.
 
 use super::MESH_FILE_RETRY;
-use super::child::{self, Exit};
+use super::child::{self, Exit, Programs};
 use super::mesh_file::{MeshFile, mesh_json};
 use super::plan::Plan;
 use super::probe;
-use anyhow::{Context, bail};
+use anyhow::bail;
 use minimesh_identity::bootstrap::BootstrapKey;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,17 +17,21 @@ use tokio::sync::mpsc;
 /// became ready.
 pub(super) async fn supervise(
     mut plan: Plan,
+    programs: &Programs,
     data_dir: &Path,
     certs: &Path,
     bootstrap: &BootstrapKey,
     restart_delay: Duration,
 ) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("finding the minimesh binary")?;
-
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
     for index in 0..plan.children.len() {
-        if let Err(err) = child::spawn(&exe, &mut plan.children[index], index, &exits_tx, bootstrap)
-        {
+        if let Err(err) = child::spawn(
+            programs,
+            &mut plan.children[index],
+            index,
+            &exits_tx,
+            bootstrap,
+        ) {
             child::stop_all(&mut plan.children, &mut exits).await;
             return Err(err);
         }
@@ -111,7 +115,7 @@ pub(super) async fn supervise(
                     let child = &mut plan.children[index];
                     if child.restart_at.is_some_and(|at| at <= now) {
                         child.restart_at = None;
-                        if let Err(err) = child::spawn(&exe, child, index, &exits_tx, bootstrap) {
+                        if let Err(err) = child::spawn(programs, child, index, &exits_tx, bootstrap) {
                             tracing::error!("cannot restart {} ({err:#}); trying again in 1s", child.name);
                             child.restart_at = Some(now + Duration::from_secs(1));
                         }

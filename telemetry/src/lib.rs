@@ -8,6 +8,7 @@ pub mod exposition;
 pub mod listen;
 pub mod logging;
 pub mod memory;
+pub mod process;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
