@@ -14,10 +14,11 @@ if [ ! -x "$venv/bin/pytest" ] || ! cmp -s "$root/tests/helm/requirements.txt" "
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/helm/requirements.txt"
   cp "$root/tests/helm/requirements.txt" "$venv/requirements.txt"
 fi
-# The sidecar configs the chart renders are checked, and the pods run, by the real binary.
+# The sidecar configs the chart renders are checked, and the pods run, by the real binaries: the
+# proxies by minimesh-proxy, which is MINIMESH_BIN's sibling when MINIMESH_BIN is set.
 if [ -z "${MINIMESH_BIN:-}" ]; then
-  if [ ! -x "$root/target/debug/minimesh" ]; then
-    (cd "$root" && cargo build --quiet --bin minimesh)
+  if [ ! -x "$root/target/debug/minimesh" ] || [ ! -x "$root/target/debug/minimesh-proxy" ]; then
+    (cd "$root" && cargo build --quiet --bin minimesh --bin minimesh-proxy)
   fi
   export MINIMESH_BIN="$root/target/debug/minimesh"
 fi

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 import crd_schemas
+import test_image
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "minimesh"
@@ -30,6 +31,12 @@ SHOP = {s["name"]: s for s in yaml.safe_load((CHART / "shop.yaml").read_text())[
 SERVICES = list(SHOP)
 CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 MATRIX = [("default", {})] + [(f.name, yaml.safe_load(f.read_text())) for f in CI_FILES]
+# The minimesh image's binaries (Dockerfile): its ENTRYPOINT, the whole CLI, and the proxy alone,
+# which the sidecars and the gateway run (`minimesh-proxy sidecar|gateway`, the same flags).
+ENTRYPOINT = "/usr/local/bin/minimesh"
+PROXY_COMMAND = "/usr/local/bin/minimesh-proxy"
+# Their local builds: MINIMESH_BIN (tests/helm/run.sh sets it) and minimesh-proxy beside it.
+BINARY = os.environ.get("MINIMESH_BIN", str(ROOT / "target" / "debug" / "minimesh"))
 
 
 def fullname(values):
@@ -89,6 +96,25 @@ def pod_specs(objects):
 
 def all_containers(spec):
     return spec.get("initContainers", []) + spec["containers"]
+
+
+def local_binary(name):
+    """The local build of the image's /usr/local/bin/<name>: MINIMESH_BIN, or its sibling."""
+    minimesh = pathlib.Path(BINARY)
+    return minimesh if name == "minimesh" else minimesh.with_name(name)
+
+
+def local_argv(container):
+    """What a container of the minimesh image runs, its command (else the ENTRYPOINT) mapped to the
+    local build of that binary, then its args."""
+    command = container.get("command") or [ENTRYPOINT]
+    name = command[0].removeprefix("/usr/local/bin/")
+    assert command[0] in (ENTRYPOINT, PROXY_COMMAND, name) and name in ("minimesh", "minimesh-proxy"), \
+        f"{container['name']}: {command[0]} is not in the image"
+    binary = local_binary(name)
+    if not binary.exists():
+        pytest.fail(f"{binary} not built; tests/helm/run.sh builds it (cargo build --bins)")
+    return [str(binary), *command[1:], *container.get("args", [])]
 
 
 def storage(values):
@@ -202,9 +228,6 @@ def test_sidecar_configs_match_the_services_and_policy(rendering):
 def test_the_proxy_accepts_every_rendered_config(rendering):
     """The real binary parses each proxy's rendered configuration (`--check-config`): its ConfigMap
     and its container's whole environment (identity, expose, listeners), nothing added."""
-    binary = os.environ.get("MINIMESH_BIN", str(ROOT / "target" / "debug" / "minimesh"))
-    if not pathlib.Path(binary).exists():
-        pytest.fail(f"{binary} not built; tests/helm/run.sh builds it")
     name, _, objects, _ = rendering
     configs = {(cm["metadata"]["name"], key): config for cm, key, config in sidecar_configs(objects)}
     checked = set()
@@ -218,7 +241,8 @@ def test_the_proxy_accepts_every_rendered_config(rendering):
         with tempfile.TemporaryDirectory() as tmp:
             env["MINIMESH_CONFIG"] = f"{tmp}/{key}"
             pathlib.Path(env["MINIMESH_CONFIG"]).write_text(text)
-            result = subprocess.run([binary, *proxy["args"], "--check-config"], env=env, capture_output=True, text=True, timeout=30)
+            # The binary the container runs (minimesh-proxy), with its own args.
+            result = subprocess.run([*local_argv(proxy), "--check-config"], env=env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, f"{name} {identity}: {result.stderr}"
         resolved = json.loads(result.stdout)
         config = configs[(volume["configMap"]["name"], key)]
@@ -382,6 +406,34 @@ def proxies(objects):
             yield component, spec, next(c for c in all_containers(spec) if c["name"] == "sidecar")
         elif component == "gateway":
             yield component, spec, spec["containers"][0]
+
+
+def test_proxies_run_minimesh_proxy_and_the_rest_the_image_s_minimesh(rendering):
+    """Every sidecar and the gateway run the image's proxy-only binary (`minimesh-proxy sidecar`,
+    `minimesh-proxy gateway`: less code resident in each proxy process than the whole CLI's); the
+    services and the issuer run the image's ENTRYPOINT, minimesh. No other container sets a
+    command, and each command is a file the Dockerfile puts into the image."""
+    name, _, objects, hooks = rendering
+    seen = set()
+    for identity, _, proxy in proxies(objects):
+        where = f"{name}: {identity}/{proxy['name']}"
+        assert proxy["command"] == [PROXY_COMMAND], where
+        assert proxy["args"] == ["gateway" if identity == "gateway" else "sidecar"], where
+        seen.add(identity)
+    assert seen == set(SERVICES + ["gateway"]), name
+    for service, workload in service_workloads(objects).items():
+        [app] = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == service]
+        assert "command" not in app and app["args"] == ["service", service], f"{name}: {service}"
+    issuer = issuer_deployment(objects)
+    if issuer:
+        [container] = issuer["spec"]["template"]["spec"]["containers"]
+        assert "command" not in container and container["args"] == ["identity"], name
+    commands = [c["command"] for _, spec in pod_specs(objects + hooks) for c in all_containers(spec) if "command" in c]
+    assert commands == [[PROXY_COMMAND]] * len(commands) and len(commands) == len(list(proxies(objects))), name
+    _, (_, runtime) = test_image.stages()
+    in_image = {rest.split()[-1] for word, rest in runtime if word == "COPY"}
+    assert {ENTRYPOINT, PROXY_COMMAND} <= in_image, in_image
+    assert ("ENTRYPOINT", f'["{ENTRYPOINT}"]') in runtime
 
 
 def uses_cert_manager(values):

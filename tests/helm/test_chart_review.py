@@ -23,7 +23,6 @@ CI = chart.CHART / "ci"
 PLACEMENT = yaml.safe_load((CI / "placement-values.yaml").read_text())
 EDGE = yaml.safe_load((CI / "edge-values.yaml").read_text())
 WITH_EVERYTHING = {"postgresql": {"enabled": True}, "jaeger": {"enabled": True}}
-BINARY = os.environ.get("MINIMESH_BIN", str(chart.ROOT / "target" / "debug" / "minimesh"))
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -376,15 +375,18 @@ def test_every_minimesh_container_knows_its_pod_and_statefulset_pods_their_ordin
                     assert env["MINIMESH_REPLICA"] == "2"
 
 
-def test_the_binary_takes_the_ordinal_and_refuses_a_pod_name_as_replica():
-    """Why Deployment pods get no MINIMESH_REPLICA: the binary reads it as an integer."""
-    if not pathlib.Path(BINARY).exists():
-        pytest.fail(f"{BINARY} not built; tests/helm/run.sh builds it")
+@pytest.mark.parametrize("binary", ["minimesh-proxy", "minimesh"])
+def test_the_binary_takes_the_ordinal_and_refuses_a_pod_name_as_replica(binary):
+    """Why Deployment pods get no MINIMESH_REPLICA: the binary reads it as an integer. Both the
+    proxy binary the chart's sidecars run and `minimesh sidecar`, which stays runnable by hand."""
+    path = chart.local_binary(binary)
+    if not path.exists():
+        pytest.fail(f"{path} not built; tests/helm/run.sh builds it")
     base = {"PATH": os.environ.get("PATH", ""), "MINIMESH_CA": "/dev/null", "MINIMESH_CERT": "/dev/null", "MINIMESH_KEY": "/dev/null"}
-    ok = subprocess.run([BINARY, "sidecar", "--service", "user", "--check-config"], env=base | {"MINIMESH_REPLICA": "2"},
+    ok = subprocess.run([path, "sidecar", "--service", "user", "--check-config"], env=base | {"MINIMESH_REPLICA": "2"},
                         capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run([BINARY, "sidecar", "--service", "user", "--check-config"],
+    refused = subprocess.run([path, "sidecar", "--service", "user", "--check-config"],
                              env=base | {"MINIMESH_REPLICA": "shop-minimesh-user-5f7d9c8b4-x0q2z"}, capture_output=True, text=True, timeout=30)
     assert refused.returncode != 0 and "--replica" in refused.stderr
 

@@ -3,8 +3,9 @@
 A tiny kubelet stand-in lays out each rendered pod's volumes (ConfigMaps, Secrets, projected
 ServiceAccount tokens) in a temporary directory, maps every listen address to a free loopback
 port, resolves `<service>.<namespace>.svc` through the rendered Services, and starts the real
-`minimesh` binary with each container's rendered environment: the issuer with the chart's trust
-anchor, every sidecar and the gateway with their projected tokens. The Kubernetes API is the one
+binary each container's command names (`minimesh`; `minimesh-proxy` for the proxies) with its
+rendered environment: the issuer with the chart's trust anchor, every sidecar and the gateway with
+their projected tokens. The Kubernetes API is the one
 piece that cannot run here: a local HTTPS stand-in answers TokenReviews (and, for `lookup`, a
 plain HTTP stand-in answers Helm's discovery and GET of the trust anchor Secret).
 """
@@ -161,7 +162,8 @@ class Kubelet:
                 continue
             env = self.environment(component, container, root) | (extra_env or {})
             log = open(self.dir / f"{component}-{container['name']}.log", "w")
-            process = subprocess.Popen([BINARY, *container["args"]], env=env, stdout=log, stderr=subprocess.STDOUT,
+            # The binary the container's command names (the proxies: minimesh-proxy), built locally.
+            process = subprocess.Popen(chart.local_argv(container), env=env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
             self.processes.append((process, log))
             started[container["name"]] = env

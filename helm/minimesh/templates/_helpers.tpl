@@ -423,6 +423,9 @@ topologySpreadConstraints:
 - name: sidecar
   image: {{ include "minimesh.image" .root }}
   imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  # The proxy-only binary of the image (same flags as `minimesh sidecar`): less code resident in
+  # every pod than the whole CLI.
+  command: ["/usr/local/bin/minimesh-proxy"]
   args: ["sidecar"]
   env:
     - name: MINIMESH_CONFIG

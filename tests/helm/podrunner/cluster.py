@@ -3,7 +3,9 @@
 Every pod of every Deployment and StatefulSet (respecting replicas) gets a network namespace with
 its own address on a bridge; each container runs in a private mount namespace where the pod's
 volumes (ConfigMaps, Secrets, projected tokens, emptyDirs, claims) are bind-mounted at the paths
-the spec gives, with the rendered env (valueFrom resolved) and args, as the spec's user. Native
+the spec gives, with the rendered env (valueFrom resolved), command and args, as the spec's user:
+the minimesh image's binaries (/usr/local/bin/minimesh, its entrypoint, and minimesh-proxy) are the
+local builds (the `binary` given and minimesh-proxy beside it). Native
 sidecars start first and gate the rest on their startupProbe; plain init containers run to
 completion. Probes run as kubelet runs them, from the node (the root namespace), with periods
 scaled by `period_scale`. Services: names resolve through a hosts file bind-mounted as each pod's
@@ -43,8 +45,12 @@ PG_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
 # The minimesh image's USER (Dockerfile: USER 65532:65532).
 MINIMESH_IMAGE_USER = (65532, 65532)
 # The images' STOPSIGNAL, which the container runtime sends to a container's first process
-# (the postgres image's: SIGINT, PostgreSQL's fast shutdown).
+# (the postgres image's: SIGINT, PostgreSQL's fast shutdown). The minimesh image sets none: SIGTERM,
+# whichever of its binaries (minimesh, minimesh-proxy) the container runs.
 STOP_SIGNALS = {"minimesh": signal.SIGTERM, "postgres": signal.SIGINT}
+# The minimesh image's binaries (Dockerfile: COPY to /usr/local/bin), each a file of the local build's
+# target directory (the proxy is the minimesh binary's sibling). Its ENTRYPOINT is the first.
+IMAGE_BINARIES = ("minimesh", "minimesh-proxy")
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 KUBE_API_ACCESS = "/var/run/secrets/kubernetes.io/serviceaccount"
 NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"
@@ -458,12 +464,20 @@ class Cluster:
         self.workdir = self.network.workdir
         bin_dir = self.workdir / "bin"
         bin_dir.mkdir()
-        self.binary = bin_dir / "minimesh"
-        try:
-            os.link(self.binary_source, self.binary)
-        except OSError:
-            shutil.copy(self.binary_source, self.binary)
-        os.chmod(self.binary, 0o755)
+        # {image binary: its copy here}; one that was not built is missing, and a container that runs
+        # it fails naming itself (_argv).
+        self.binaries = {}
+        for name in IMAGE_BINARIES:
+            source = self.binary_source.with_name(name) if name != "minimesh" else self.binary_source
+            if name != "minimesh" and not source.is_file():
+                continue
+            self.binaries[name] = bin_dir / name
+            try:
+                os.link(source, self.binaries[name])
+            except OSError:
+                shutil.copy(source, self.binaries[name])
+            os.chmod(self.binaries[name], 0o755)
+        self.binary = self.binaries["minimesh"]
         self.pg_entrypoint = bin_dir / "postgres-entrypoint.sh"
         shutil.copy(HERE / "postgres-entrypoint.sh", self.pg_entrypoint)
         os.chmod(self.pg_entrypoint, 0o755)
@@ -727,9 +741,14 @@ class Cluster:
         args = [expand(str(a)) for a in spec.get("args", [])]
         if runtime == "minimesh":
             command = [expand(str(c)) for c in spec.get("command", [])] or ["/usr/local/bin/minimesh"]
-            if command[0] not in ("/usr/local/bin/minimesh", "minimesh"):
+            # An absolute path in the image, or a name the image's PATH finds there.
+            name = command[0].removeprefix("/usr/local/bin/")
+            if name not in IMAGE_BINARIES or command[0] not in (name, f"/usr/local/bin/{name}"):
                 raise PodFailure(f"{container.where()}: command {command[0]} is not in the image")
-            return [str(self.binary), *command[1:], *args]
+            if name not in self.binaries:
+                raise PodFailure(f"{container.where()}: command {command[0]} runs {name}, but "
+                                 f"{self.binary_source.with_name(name)} was not built (cargo build --bins)")
+            return [str(self.binaries[name]), *command[1:], *args]
         if spec.get("command"):
             raise PodFailure(f"{container.where()}: the postgres stand-in runs the image's entrypoint only")
         return ["/bin/bash", str(self.pg_entrypoint), *args]
