@@ -204,7 +204,10 @@ where
                     if shared.original.as_ref().is_some_and(|o| o.is_end_stream()) {
                         shared.ended = true;
                         shared.original = None;
-                    } else {
+                    } else if !shared.capped {
+                        // Only while a retry is still possible (a unary call
+                        // before its answer): a long stream is not charged
+                        // an extra poll per frame.
                         shared.look_ahead(cx);
                     }
                     if !shared.capped {
