@@ -323,7 +323,7 @@ impl Upstream {
                 Ok(Ok(response)) => match retry::classify_response(response.headers()) {
                     Some(retry::Failure::PeerBusy) => {
                         // Full, not failing: no step towards ejection.
-                        tracked.finish(Outcome::Success);
+                        tracked.finish(Outcome::Busy);
                         let said = minimesh_telemetry::status::grpc_message(response.headers());
                         last_error = format!(
                             "{} at {}: {}",

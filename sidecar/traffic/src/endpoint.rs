@@ -109,6 +109,11 @@ pub enum Outcome {
     Timeout,
     /// The caller went away first; recorded by dropping the [`Attempt`].
     Cancelled,
+    /// The peer's proxy refused at once because its application has as many
+    /// calls open as it allows. Alive, so no step towards ejection; and not
+    /// a latency sample either: the refusal is quick, so counting it would
+    /// make the fullest peer look the fastest and win it more calls.
+    Busy,
 }
 
 type Observer = Box<dyn Fn(Transition) + Send + Sync>;
@@ -282,7 +287,7 @@ impl EndpointState {
                         .failure(now, probe, policy, &mut rand::rng(), may_eject)
                 }
             }
-            Outcome::Cancelled => {
+            Outcome::Cancelled | Outcome::Busy => {
                 inner.ewma.at_least(elapsed, now);
                 if probe {
                     inner.health.probe_cancelled(now)
@@ -482,6 +487,7 @@ mod tests {
             Outcome::Failure,
             Outcome::Timeout,
             Outcome::Cancelled,
+            Outcome::Busy,
         ] {
             let attempt = e.start(false, Instant::now());
             assert_eq!(e.in_flight(), 1);
@@ -589,6 +595,43 @@ mod tests {
         // ...and it decays, so the endpoint is tried again later.
         tokio::time::advance(10 * S).await;
         assert!(hung.latency(Instant::now()) < 2 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_refuses_because_it_is_full_does_not_look_fast() {
+        // `control` is what recording the refusals as answers would do.
+        let (eps, _) = endpoints(3);
+        let (full, fine, control) = (&eps[0], &eps[1], &eps[2]);
+        tokio::time::advance(10 * S).await;
+        // All three answer one call in 20 ms.
+        let attempts = [full, fine, control].map(|e| e.start(false, Instant::now()));
+        tokio::time::advance(20 * MS).await;
+        for attempt in attempts {
+            attempt.finish(Outcome::Success);
+        }
+        // For 2 s the full one refuses a call every 10 ms, within 100 µs.
+        for _ in 0..200 {
+            tokio::time::advance(10 * MS).await;
+            for (e, outcome) in [(full, Outcome::Busy), (control, Outcome::Success)] {
+                let attempt = e.start(false, Instant::now());
+                tokio::time::advance(Duration::from_micros(100)).await;
+                attempt.finish(outcome);
+            }
+        }
+        let now = Instant::now();
+        assert!(full.is_open(), "full is not failing");
+        assert!(
+            full.latency(now) + Duration::from_micros(1) >= fine.latency(now),
+            "refusals are no latency samples: {:?} against {:?}",
+            full.latency(now),
+            fine.latency(now)
+        );
+        assert!(
+            control.latency(now) * 5 < fine.latency(now),
+            "as answers they would have made it look fastest: {:?} against {:?}",
+            control.latency(now),
+            fine.latency(now)
+        );
     }
 
     #[tokio::test(start_paused = true)]
