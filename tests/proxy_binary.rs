@@ -2,6 +2,8 @@
 //! failure line as `minimesh sidecar` and `minimesh gateway`, which `up` and
 //! the chart rely on when they run it in their place.
 
+mod common;
+
 use std::process::{Command, Output};
 
 const MINIMESH: &str = env!("CARGO_BIN_EXE_minimesh");
@@ -150,4 +152,54 @@ fn the_proxy_binary_names_itself_and_runs_nothing_else() {
         "{}",
         text(&missing.stderr)
     );
+}
+
+/// The file name of the executable process `pid` runs.
+fn executable(pid: &serde_json::Value) -> String {
+    let pid = pid.as_i64().expect("a pid");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the process's executable");
+    exe.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn up_without_minimesh_proxy_beside_it_runs_the_proxies_as_minimesh_sidecar() {
+    // `cargo run -- up` builds only minimesh: a directory holding just that.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let alone = dir.path().join("minimesh");
+    std::fs::hard_link(MINIMESH, &alone)
+        .or_else(|_| std::fs::copy(MINIMESH, &alone).map(|_| ()))
+        .unwrap();
+    let data = dir.path().join("data");
+    let mesh = common::process::start_mesh_from(&alone, &data, &[]).await;
+    let file = mesh.mesh_json();
+    for instance in file["instances"].as_array().unwrap() {
+        assert_eq!(executable(&instance["sidecar_pid"]), "minimesh");
+    }
+    assert_eq!(executable(&file["gateway"]["pid"]), "minimesh");
+    // ...and it serves: a user created through the gateway and its sidecar.
+    let mut users = minimesh_proto::user::v1::user_service_client::UserServiceClient::new(
+        mesh.gateway_channel().await,
+    );
+    let user = common::new_user(&mut users).await;
+    assert!(!user.id.is_empty());
+}
+
+#[test]
+fn up_with_a_proxy_bin_that_is_not_there_says_so_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-proxy");
+    let out = Command::new(MINIMESH)
+        .args(["up", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--proxy-bin")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains(&format!("--proxy-bin {} is not a file", missing.display())),
+        "{said}"
+    );
+    assert!(!dir.path().join("data").join("mesh.json").exists());
 }

@@ -42,8 +42,24 @@ pub(crate) async fn start_mesh_logged(data_dir: &Path, extra: &[&str], stderr_fi
     spawn_mesh(data_dir, extra, &[], Stdio::from(file)).await
 }
 
+/// Like [`start_mesh`], with `up` run from `program` (a copy of minimesh elsewhere).
+pub(crate) async fn start_mesh_from(program: &Path, data_dir: &Path, extra: &[&str]) -> Mesh {
+    spawn_mesh_from(program, data_dir, extra, &[], Stdio::inherit()).await
+}
+
 async fn spawn_mesh(data_dir: &Path, extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Mesh {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_minimesh"))
+    let program = Path::new(env!("CARGO_BIN_EXE_minimesh"));
+    spawn_mesh_from(program, data_dir, extra, env, stderr).await
+}
+
+async fn spawn_mesh_from(
+    program: &Path,
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> Mesh {
+    let mut child = Command::new(program)
         .envs(env.iter().copied())
         .arg("up")
         .arg("--data-dir")
