@@ -10,7 +10,7 @@ use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use minimesh_proto::payment::v1::{ChargeRequest, GetPaymentRequest, RefundRequest};
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
-use minimesh_testsupport::tls::mesh_peer;
+use minimesh_testsupport::tls::{mesh_peer, peer_serial};
 use minimesh_testsupport::{eventually, http_get};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -25,16 +25,14 @@ async fn served_serial(
     addr: &str,
     service: &str,
     config: Arc<rustls::ClientConfig>,
-) -> Option<String> {
+) -> Option<Vec<u8>> {
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
     let name = ServerName::try_from(service.to_owned()).ok()?;
     let stream = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .ok()?;
-    let der = stream.get_ref().1.peer_certificates()?.first()?.clone();
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-    Some(cert.raw_serial_as_string())
+    peer_serial(&stream)
 }
 
 async fn metric(addr: &str, series: &str) -> Option<f64> {
@@ -179,7 +177,7 @@ async fn certificates_rotate_under_load_without_a_failed_call() {
             )
         })
         .collect();
-    let mut serials: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut serials: BTreeMap<String, BTreeSet<Vec<u8>>> = BTreeMap::new();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(60) {
         for (service, inbound) in &sidecars {

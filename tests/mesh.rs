@@ -18,13 +18,6 @@ use tokio_stream::StreamExt;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// The file name of the executable a process of mesh.json runs.
-fn executable(pid: &serde_json::Value) -> String {
-    let pid = pid.as_i64().expect("a pid");
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the process's executable");
-    exe.file_name().unwrap().to_string_lossy().into_owned()
-}
-
 #[tokio::test]
 async fn a_client_with_only_mesh_json_shops_through_the_gateway() {
     let dir = tempfile::tempdir().unwrap();

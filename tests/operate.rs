@@ -8,6 +8,7 @@ use common::*;
 use minimesh_proto::order::v1::order_service_client::OrderServiceClient;
 use minimesh_proto::user::v1::user_service_client::UserServiceClient;
 use minimesh_testsupport::eventually;
+use minimesh_testsupport::http::get_accepting;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,33 +34,12 @@ fn minimesh() -> Command {
     Command::new(env!("CARGO_BIN_EXE_minimesh"))
 }
 
+/// Status, content type and body of `GET path`, asking for `accept`.
 async fn http_get(addr: &str, path: &str, accept: Option<&str>) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let accept = accept
-        .map(|a| format!("accept: {a}\r\n"))
-        .unwrap_or_default();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n{accept}connection: close\r\n\r\n")
-                .as_bytes(),
-        )
+    let answer = get_accepting(addr, path, accept)
         .await
-        .expect("write");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.expect("read");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
-    let code = head[9..12].parse().expect("status");
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type: ")
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    // The admin listeners answer with a fixed length, never chunked.
-    (code, content_type, body.to_owned())
+        .unwrap_or_else(|| panic!("{addr}{path} did not answer"));
+    (answer.code, answer.content_type, answer.body)
 }
 
 /// Every metrics endpoint the mesh serves: gateway and sidecar admins, services.

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::process::executable;
 use std::process::{Command, Output};
 
 const MINIMESH: &str = env!("CARGO_BIN_EXE_minimesh");
@@ -152,13 +153,6 @@ fn the_proxy_binary_names_itself_and_runs_nothing_else() {
         "{}",
         text(&missing.stderr)
     );
-}
-
-/// The file name of the executable process `pid` runs.
-fn executable(pid: &serde_json::Value) -> String {
-    let pid = pid.as_i64().expect("a pid");
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the process's executable");
-    exe.file_name().unwrap().to_string_lossy().into_owned()
 }
 
 #[tokio::test]

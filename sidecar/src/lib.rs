@@ -9,7 +9,8 @@
 //!   one upstream (policy from `minimesh-traffic`, including its `replay`
 //!   body: a request kept up to a cap so a call can be sent again);
 //! - [`body`]: streaming bodies and the proxy's own gRPC answers;
-//! - [`metrics`], [`admin`]: Prometheus series and `/live`, `/ready`, `/metrics`;
+//! - [`metrics`]: Prometheus series, served with `/live` and `/ready` by
+//!   the admin server every process shares (`minimesh_telemetry::admin`);
 //! - [`listener`]: the one accept loop, its limits, and HTTP/2 serving;
 //! - `stall`: responses whose reader stopped taking data, cancelled;
 //! - [`handle`]: what the inbound, outbound and gateway listeners do with a call;
@@ -19,7 +20,8 @@
 //! - [`process`]: the proxy as a process (telemetry, runtime threads), as
 //!   `minimesh sidecar` and the proxy-only `minimesh-proxy` both run it.
 
-pub mod admin;
+#![forbid(unsafe_code)]
+
 pub mod args;
 pub mod authz;
 pub mod body;

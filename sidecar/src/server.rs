@@ -3,7 +3,6 @@
 //! inbound (mTLS) and outbound (h2c) listeners; the gateway one edge
 //! listener (h2c). See [`crate::handle`] for what each does with a call.
 
-use crate::admin::{self, ReadyCheck};
 use crate::client::{Connection, Transport};
 use crate::config::ConfigError;
 use crate::dump;
@@ -17,6 +16,7 @@ use crate::resolve::{
 };
 use crate::stall::StallWatch;
 use crate::tls::TlsError;
+use minimesh_telemetry::admin::{Admin, ReadyCheck};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -138,7 +138,11 @@ pub async fn run_sidecar(
             Box::pin(async move { app_serving(&url).await })
         })
     };
-    let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready));
+    let admin = {
+        let metrics = metrics.clone();
+        let admin = Admin::new(move |format| metrics.render(format)).with_ready(ready);
+        tokio::spawn(admin.serve(admin_listener))
+    };
 
     let stalls = StallWatch::start(args.limits.stall_timeout, metrics.stalls_cancelled());
     let inbound = Arc::new(InboundState {
@@ -254,7 +258,11 @@ pub async fn run_gateway(
             })
         })
     };
-    let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready));
+    let admin = {
+        let metrics = metrics.clone();
+        let admin = Admin::new(move |format| metrics.render(format)).with_ready(ready);
+        tokio::spawn(admin.serve(admin_listener))
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let edge = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -279,7 +287,8 @@ pub async fn run_gateway(
     Ok(())
 }
 
-/// The local application's gRPC health, for `/ready`.
+/// The local application's gRPC health, for `/ready`: SERVING, or no health
+/// service at all (UNIMPLEMENTED) from an application that answers gRPC.
 async fn app_serving(url: &str) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -291,12 +300,18 @@ async fn app_serving(url: &str) -> Result<(), String> {
         .connect()
         .await
         .map_err(|e| format!("local service unreachable: {e}"))?;
-    let response = HealthClient::new(channel)
+    let response = match HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
-        .map_err(|s| format!("health check failed: {}", s.message()))?;
+    {
+        Ok(response) => response,
+        // A service without grpc.health.v1 still answered over gRPC: it is up,
+        // and the proxy meshes services it did not write.
+        Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(()),
+        Err(status) => return Err(format!("health check failed: {}", status.message())),
+    };
     match ServingStatus::try_from(response.get_ref().status) {
         Ok(ServingStatus::Serving) => Ok(()),
         Ok(other) => Err(format!("local service reports {}", other.as_str_name())),

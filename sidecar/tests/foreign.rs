@@ -5,10 +5,12 @@
 use minimesh_sidecar::config::TrafficArgs;
 use minimesh_testecho::v1::SayRequest;
 use minimesh_testecho::v1::echo_client::EchoClient;
+use minimesh_testsupport::http::wait_ok;
 use minimesh_testsupport::metrics::sum;
 use minimesh_testsupport::sidecar::Sidecar;
 use minimesh_testsupport::{TestCa, free_addr, metrics_text};
 use std::net::SocketAddr;
+use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 /// The client's outbound listener, with `:authority` set to `authority`.
@@ -46,6 +48,12 @@ async fn a_service_the_mesh_was_not_written_for_is_meshed() {
     )
     .await
     .unwrap();
+    // The echo service has no grpc.health.v1: its answering UNIMPLEMENTED is
+    // enough for its sidecar to be ready, as kubelet's probe asks.
+    wait_ok(echo.admin, "/ready", Duration::from_secs(10))
+        .await
+        .expect("a service without a health service is ready");
+
     // Nothing listens here: calls sent to it never reach anyone.
     let dead = free_addr().unwrap();
     let upstreams = vec![

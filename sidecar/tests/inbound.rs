@@ -6,10 +6,9 @@ use minimesh_certs::{LeafRequest, init_ca, issue, issue_leaf};
 use minimesh_testsupport::grpc::serve_health;
 use minimesh_testsupport::metrics::counter;
 use minimesh_testsupport::sidecar::Sidecar;
-use minimesh_testsupport::tls::{client_config, tls_channel};
+use minimesh_testsupport::tls::{client_config, file_serial, peer_serial, tls_channel};
 use minimesh_testsupport::{TestCa, free_addr, http_get};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -331,19 +330,6 @@ async fn ready_follows_the_local_service() {
     .await;
 }
 
-fn served_serial(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<u8> {
-    let certs = stream.get_ref().1.peer_certificates().unwrap();
-    let (_, cert) = x509_parser::parse_x509_certificate(&certs[0]).unwrap();
-    cert.raw_serial().to_vec()
-}
-
-fn file_serial(path: &Path) -> Vec<u8> {
-    let pem = std::fs::read(path).unwrap();
-    let der = CertificateDer::from_pem_slice(&pem).unwrap();
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    cert.raw_serial().to_vec()
-}
-
 #[tokio::test]
 async fn a_new_certificate_on_disk_is_served_without_a_restart() {
     let f = start_sidecar().await;
@@ -352,22 +338,22 @@ async fn a_new_certificate_on_disk_is_served_without_a_restart() {
     let (cert, key) = f.identity("order");
     let client = presenting(&ca_pem, &cert, &key);
     let old = handshake(f.inbound, client.clone()).await.unwrap();
-    let old_serial = served_serial(&old);
+    let old_serial = peer_serial(&old).expect("a served certificate");
     assert_eq!(
         old_serial,
-        file_serial(&f.ca.dir().join("payment/payment.pem"))
+        file_serial(&f.ca.dir().join("payment/payment.pem")).expect("the issued certificate")
     );
 
     // Rotate: issue a new pair over the sidecar's files.
     let (new_cert, _) = f.identity("payment");
-    let new_serial = file_serial(&new_cert);
+    let new_serial = file_serial(&new_cert).expect("the new certificate");
     assert_ne!(new_serial, old_serial);
     eventually("new handshakes present the new certificate", || {
         let client = client.clone();
         let want = new_serial.clone();
         async move {
             let stream = handshake(f.inbound, client).await.ok()?;
-            (served_serial(&stream) == want).then_some(())
+            (peer_serial(&stream)? == want).then_some(())
         }
     })
     .await;

@@ -4,6 +4,7 @@
 //! freed memory back. Nothing here knows about storage or the shop's APIs,
 //! so the proxy can depend on it without them.
 
+pub mod admin;
 pub mod exposition;
 pub mod listen;
 pub mod logging;

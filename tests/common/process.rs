@@ -252,3 +252,10 @@ pub(crate) async fn reflected_services(url: &str) -> Vec<String> {
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
+
+/// The file name of the executable process `pid` runs.
+pub(crate) fn executable(pid: &serde_json::Value) -> String {
+    let pid = pid.as_i64().expect("a pid");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the process's executable");
+    exe.file_name().unwrap().to_string_lossy().into_owned()
+}

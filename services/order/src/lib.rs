@@ -6,6 +6,8 @@
 //! - [`upstream`]: the user and payment services, through the sidecar;
 //! - [`orders`]: the domain logic: placing, settling, cancelling, refunding.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod feed;
 mod orders;
@@ -96,7 +98,7 @@ pub enum OrderServiceError {
     Serve(#[from] grpc::ServeError),
     /// The metrics listener could not be bound.
     #[error(transparent)]
-    Metrics(#[from] minimesh_runtime::metrics::MetricsError),
+    Metrics(#[from] minimesh_runtime::metrics::AdminError),
 }
 
 fn millis(d: Duration) -> i64 {

@@ -1,5 +1,7 @@
 //! The payment service: charges, refunds and batch settlement.
 
+#![forbid(unsafe_code)]
+
 pub mod store;
 
 pub use store::{
@@ -299,7 +301,7 @@ pub enum PaymentServiceError {
     Serve(#[from] grpc::ServeError),
     /// The metrics listener could not be bound.
     #[error(transparent)]
-    Metrics(#[from] minimesh_runtime::metrics::MetricsError),
+    Metrics(#[from] minimesh_runtime::metrics::AdminError),
 }
 
 /// Runs the payment service on `listener` until `shutdown` resolves.

@@ -1,17 +1,14 @@
-//! Prometheus metrics of a service process, served over HTTP/1.1 at
-//! `/metrics` (with `/live` for probes) on their own listener.
+//! Prometheus metrics of a service process, served at `/metrics` (with
+//! `/live` for probes) by the telemetry crate's admin server.
 
 use crate::exposition::Format;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use minimesh_telemetry::admin::Admin;
+pub use minimesh_telemetry::admin::{AbortOnDrop, AdminError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 
 /// The label of the outcome counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,85 +49,13 @@ impl ServiceMetrics {
     }
 }
 
-fn respond(metrics: &ServiceMetrics, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => {
-            let format = Format::negotiate(request.headers().get(http::header::ACCEPT));
-            (
-                StatusCode::OK,
-                format.content_type(),
-                metrics.render(format),
-            )
-        }
-        (&Method::GET, "/live") => (StatusCode::OK, "text/plain", "live\n".to_owned()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    response
-}
-
-/// The metrics listener could not be bound.
-#[derive(Debug, thiserror::Error)]
-#[error("binding the metrics listener to {addr}: {source}")]
-pub struct MetricsError {
-    addr: String,
-    source: std::io::Error,
-}
-
-/// Binds `addr` (when given) and serves `/metrics` there in the background;
-/// the listener stops when the returned guard is dropped.
+/// Binds `addr` (when given) and serves `/metrics` and `/live` there in the
+/// background; the listener stops when the returned guard is dropped.
 pub async fn listen(
     addr: Option<&str>,
     metrics: Arc<ServiceMetrics>,
-) -> Result<Option<AbortOnDrop>, MetricsError> {
+) -> Result<Option<AbortOnDrop>, AdminError> {
     let Some(addr) = addr else { return Ok(None) };
-    let listener = crate::listen::bind(addr)
-        .await
-        .map_err(|source| MetricsError {
-            addr: addr.to_owned(),
-            source,
-        })?;
-    tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
-    Ok(Some(AbortOnDrop(tokio::spawn(serve(listener, metrics)))))
-}
-
-/// Aborts a background task when dropped.
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Serves `/metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<ServiceMetrics>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                tracing::warn!(%err, "metrics listener accept failed");
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = respond(&metrics, &request);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let admin = Admin::new(move |format| metrics.render(format));
+    admin.listen(addr).await.map(Some)
 }

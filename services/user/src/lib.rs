@@ -1,5 +1,7 @@
 //! The user service: accounts that place orders.
 
+#![forbid(unsafe_code)]
+
 mod store;
 
 pub use store::{AnyUserStore, PgUserStore, SqliteUserStore, StoreError, UserRecord, UserStore};
@@ -192,7 +194,7 @@ pub enum UserServiceError {
     Serve(#[from] grpc::ServeError),
     /// The metrics listener could not be bound.
     #[error(transparent)]
-    Metrics(#[from] minimesh_runtime::metrics::MetricsError),
+    Metrics(#[from] minimesh_runtime::metrics::AdminError),
 }
 
 /// Runs the user service on `listener` until `shutdown` resolves.

@@ -4,6 +4,8 @@
 //! in-process. Waits poll for readiness (a port accepting, an answer); none
 //! sleeps a fixed time in place of a condition.
 
+#![forbid(unsafe_code)]
+
 pub mod ca;
 pub mod grpc;
 pub mod http;

@@ -83,3 +83,20 @@ pub async fn tls_channel(
         .await?;
     Ok((channel, seen))
 }
+
+/// The serial of the leaf certificate the peer of `stream` presented.
+pub fn peer_serial(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> Option<Vec<u8>> {
+    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    serial_of(leaf)
+}
+
+/// The serial of the first certificate in the PEM file at `path`.
+pub fn file_serial(path: &Path) -> Option<Vec<u8>> {
+    let der = CertificateDer::from_pem_file(path).ok()?;
+    serial_of(&der)
+}
+
+fn serial_of(der: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.raw_serial().to_vec())
+}
