@@ -1,6 +1,8 @@
 //! `minimesh`: the one binary. `up` runs the whole mesh locally by starting
 //! copies of this binary with the component subcommands.
 
+#![forbid(unsafe_code)]
+
 mod observe;
 mod reconcile;
 mod up;

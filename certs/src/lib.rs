@@ -7,6 +7,8 @@
 //! carry the ServerAuth and ClientAuth usages. Private keys are written with
 //! mode 0600.
 
+#![forbid(unsafe_code)]
+
 // The id type lives in its own crate so the proxy can use it without rcgen;
 // re-exported so callers of this crate keep one import.
 pub use minimesh_spiffe::{

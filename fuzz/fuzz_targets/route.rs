@@ -17,7 +17,10 @@ fuzz_target!(|input: (&str, &str)| {
         if let Some((name, _)) =
             routes.resolve(Some(authority), path, |n| UPSTREAMS.contains(&n), default)
         {
-            assert!(UPSTREAMS.contains(&name), "{authority:?} {path:?} → {name:?}");
+            assert!(
+                UPSTREAMS.contains(&name),
+                "{authority:?} {path:?} → {name:?}"
+            );
         }
     }
     let _ = minimesh_sidecar::metrics::CallName::of(path);

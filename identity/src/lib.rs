@@ -9,6 +9,8 @@
 //! - [`client`]: what a proxy runs: a key made in memory, a CSR, and renewal
 //!   at about 70% of each certificate's life.
 
+#![forbid(unsafe_code)]
+
 pub mod bootstrap;
 pub mod client;
 #[cfg(feature = "issuer")]

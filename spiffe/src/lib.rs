@@ -4,6 +4,8 @@
 //! a DER certificate (X.509-SVID). Kept apart from `minimesh-certs` so the
 //! proxy can check identities without linking the certificate generator.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 /// The trust domain used when none is configured.

@@ -4,6 +4,8 @@
 //! its code pages, which count in every proxy's resident memory, at 4.4 MiB
 //! instead of the whole CLI's 8.0 (BENCHMARKS.md, "Memory").
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use minimesh_sidecar::process::ProxyArgs;
 use minimesh_sidecar::{GatewayArgs, SidecarArgs};

@@ -1,6 +1,8 @@
 //! The service kit: what the shop's services share beyond telemetry (storage
 //! on SQLite or PostgreSQL, store health, the gRPC server scaffold, paging).
 
+#![forbid(unsafe_code)]
+
 pub use minimesh_telemetry::{exposition, listen, logging, memory, shutdown, telemetry, trace};
 
 pub mod db;

@@ -15,6 +15,8 @@
 //! - [`replay`]: a request body kept (up to a cap) while it is forwarded, so
 //!   an attempt the peer never saw can be sent again.
 
+#![forbid(unsafe_code)]
+
 pub mod balance;
 pub mod deadline;
 pub mod discover;

@@ -1,6 +1,8 @@
 //! `acme.echo.v1.Echo`, served by a plain tonic server: an application the
 //! mesh was not written for.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};

@@ -6,6 +6,8 @@
 //! `None` (the test prints why and returns) unless `CI=true`, where a
 //! missing server is a failure.
 
+#![forbid(unsafe_code)]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
