@@ -57,7 +57,7 @@ impl Routes {
         if let Some((_, upstream)) = self
             .by_prefix
             .iter()
-            .find(|(prefix, _)| rpc.starts_with(prefix.as_str()))
+            .find(|(prefix, _)| covers(prefix, rpc))
         {
             return Some((upstream.as_str(), Via::Route));
         }
@@ -67,6 +67,16 @@ impl Routes {
         }
         None
     }
+}
+
+/// Whether route `prefix` covers the call `rpc` (`package.Service/Method`):
+/// it must end on a name boundary, so `acme.echo` takes `acme.echo.v1.Echo/Say`
+/// but not `acme.echoes.v1.Echo/Say`; a prefix ending in `.` or `/` is one.
+fn covers(prefix: &str, rpc: &str) -> bool {
+    let Some(rest) = rpc.strip_prefix(prefix) else {
+        return false;
+    };
+    prefix.ends_with(['.', '/']) || rest.is_empty() || rest.starts_with(['.', '/'])
 }
 
 /// `payment.shop.svc.cluster.local:8080` → `payment`; an IP address names
@@ -208,5 +218,18 @@ mod tests {
         for bad in ["", "x", "=y", "x="] {
             assert!(parse_route(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_prefix_ends_on_a_name_boundary() {
+        let routes = Routes::new([("acme.echo".to_owned(), "echo".to_owned())]);
+        let resolve = |path| routes.resolve(None, path, |_| true, None).map(|r| r.0);
+        assert_eq!(resolve("/acme.echo.v1.Echo/Say"), Some("echo"));
+        assert_eq!(resolve("/acme.echo/Say"), Some("echo"));
+        assert_eq!(resolve("/acme.echoes.v1.Echo/Say"), None);
+        let method = Routes::new([("acme.echo.v1.Echo/Say".to_owned(), "echo".to_owned())]);
+        let resolve = |path| method.resolve(None, path, |_| true, None).map(|r| r.0);
+        assert_eq!(resolve("/acme.echo.v1.Echo/Say"), Some("echo"));
+        assert_eq!(resolve("/acme.echo.v1.Echo/SayMore"), None);
     }
 }

@@ -7,7 +7,8 @@ import pathlib
 import shutil
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
-PROTOS = ["shop/user/v1/user.proto", "shop/order/v1/order.proto", "shop/payment/v1/payment.proto"]
+# Every shop proto, as proto/build.rs compiles them.
+PROTOS = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto" / "shop").rglob("*.proto"))
 # grpcurl exits 64 + the status code on an RPC error.
 CODES = {"OK": 0, "Canceled": 1, "Unknown": 2, "InvalidArgument": 3, "DeadlineExceeded": 4, "NotFound": 5,
          "AlreadyExists": 6, "PermissionDenied": 7, "ResourceExhausted": 8, "FailedPrecondition": 9, "Aborted": 10,
