@@ -44,7 +44,7 @@ pub enum ConfigError {
     /// An allow-list entry is not a valid identity.
     #[error("allow-list: {0}")]
     Allow(#[from] minimesh_spiffe::SpiffeError),
-    /// A route given as a flag is not `PREFIX=UPSTREAM`.
+    /// A route is not `PREFIX=UPSTREAM` or has an empty prefix.
     #[error("{0}")]
     Route(String),
     /// The HTTP/2 windows do not fit together.
@@ -300,6 +300,15 @@ impl TrafficArgs {
                 .map(|spec| crate::route::parse_route(spec).map_err(ConfigError::Route))
                 .collect::<Result<_, _>>()?
         };
+        // An empty prefix would match nothing (a prefix ends on a name boundary).
+        if let Some((prefix, upstream)) = pairs
+            .iter()
+            .find(|(p, _)| p.trim_start_matches('/').is_empty())
+        {
+            return Err(ConfigError::Route(format!(
+                "route {prefix:?} → {upstream} has an empty prefix: name a gRPC package or service, e.g. \"acme.echo.\""
+            )));
+        }
         let upstreams = self.upstreams(file)?;
         if let Some((prefix, upstream)) = pairs.iter().find(|(_, u)| !upstreams.contains_key(u)) {
             return Err(ConfigError::RouteTarget {

@@ -217,4 +217,18 @@ ejection: {consecutiveFailures: 7, baseMs: 500, maxMs: 9000, maxPercent: 34}
             format!("{:?}", first.args.traffic.routes(&file).unwrap()),
         );
     }
+
+    #[test]
+    fn a_route_with_an_empty_prefix_is_refused() {
+        use crate::config::{FileConfig, TrafficArgs};
+        let file = FileConfig::parse(
+            "upstreams: {user: {endpoints: [\"127.0.0.1:1\"]}}\nroutes: {\"/\": user}\n",
+        )
+        .unwrap();
+        let err = TrafficArgs::default()
+            .routes(&file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("empty prefix"), "{err}");
+    }
 }

@@ -16,12 +16,14 @@
 //! - [`handle`]: what the inbound, outbound and gateway listeners do with a call;
 //! - [`args`], [`config`], [`resolve`], [`dump`]: flags and file, resolved
 //!   and printed back (`--check-config`);
+//! - `app_health`: whether the local application can take calls (`/ready`);
 //! - [`server`]: start-up, composing all of the above;
 //! - [`process`]: the proxy as a process (telemetry, runtime threads), as
 //!   `minimesh sidecar` and the proxy-only `minimesh-proxy` both run it.
 
 #![forbid(unsafe_code)]
 
+mod app_health;
 pub mod args;
 pub mod authz;
 pub mod body;

@@ -20,7 +20,6 @@ use minimesh_telemetry::admin::{Admin, ReadyCheck};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -61,6 +60,43 @@ pub enum SidecarError {
         /// Why it is not valid.
         message: String,
     },
+    /// `--app` names one of the sidecar's own listeners.
+    #[error(
+        "--app {app} is this sidecar's own {what} listener ({listener}): it must be the local service's address"
+    )]
+    AppIsOwnListener {
+        /// The `--app` address.
+        app: SocketAddr,
+        /// Which listener it collides with.
+        what: &'static str,
+        /// That listener's address.
+        listener: String,
+    },
+}
+
+/// `--app` must not be one of the sidecar's listeners: `/ready` would then
+/// ask the proxy itself, which answers gRPC, and calls would loop.
+fn app_is_not_own_listener(app: SocketAddr, args: &SidecarArgs) -> Result<(), SidecarError> {
+    let listeners = [
+        ("inbound", &args.inbound),
+        ("outbound", &args.outbound),
+        ("admin", &args.admin),
+    ];
+    for (what, listener) in listeners {
+        let Ok(addr) = listener.parse::<SocketAddr>() else {
+            continue;
+        };
+        let same_host =
+            addr.ip() == app.ip() || addr.ip().is_unspecified() || app.ip().is_unspecified();
+        if addr.port() == app.port() && same_host {
+            return Err(SidecarError::AppIsOwnListener {
+                app,
+                what,
+                listener: listener.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, SidecarError> {
@@ -119,6 +155,7 @@ pub async fn run_sidecar(
                 addr: args.app.clone(),
                 message: e.to_string(),
             })?;
+    app_is_not_own_listener(app_addr, &args)?;
     let app = Arc::new(Connection::new(
         app_addr,
         Transport::Plain,
@@ -135,7 +172,7 @@ pub async fn run_sidecar(
         let url = format!("http://{app_addr}");
         Arc::new(move || {
             let url = url.clone();
-            Box::pin(async move { app_serving(&url).await })
+            Box::pin(async move { crate::app_health::serving(&url).await })
         })
     };
     let admin = {
@@ -287,34 +324,28 @@ pub async fn run_gateway(
     Ok(())
 }
 
-/// The local application's gRPC health, for `/ready`: SERVING, or no health
-/// service at all (UNIMPLEMENTED) from an application that answers gRPC.
-async fn app_serving(url: &str) -> Result<(), String> {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .map_err(|e| format!("local service unreachable: {e}"))?;
-    let response = match HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-    {
-        Ok(response) => response,
-        // A service without grpc.health.v1 still answered over gRPC: it is up,
-        // and the proxy meshes services it did not write.
-        Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(()),
-        Err(status) => return Err(format!("health check failed: {}", status.message())),
-    };
-    match ServingStatus::try_from(response.get_ref().status) {
-        Ok(ServingStatus::Serving) => Ok(()),
-        Ok(other) => Err(format!("local service reports {}", other.as_str_name())),
-        Err(_) => Err("local service reports an unknown status".to_owned()),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sidecar: SidecarArgs,
+    }
+
+    #[test]
+    fn an_app_address_that_is_one_of_the_sidecars_own_listeners_is_refused() {
+        let argv = [
+            "sidecar", "--ca", "ca.pem", "--cert", "c.pem", "--key", "k.pem",
+        ];
+        let args = Cli::try_parse_from(argv).unwrap().sidecar;
+        let app = |addr: &str| app_is_not_own_listener(addr.parse().unwrap(), &args);
+        let err = app("127.0.0.1:4140").unwrap_err().to_string();
+        assert!(err.contains("own outbound listener"), "{err}");
+        // The inbound listener's 0.0.0.0 covers every local address.
+        assert!(app("127.0.0.1:4143").is_err());
+        assert!(app("127.0.0.1:8080").is_ok());
     }
 }
