@@ -240,10 +240,14 @@ async fn an_fd_exhausted_gateway_backs_off_and_serves_again() {
         .unwrap();
     assert!(status.success(), "prlimit");
     let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
+    // Both its listeners: the edge, and the plaintext admin port.
+    let admin = file["gateway"]["admin"].as_str().unwrap().to_owned();
     let mut flood = Vec::new();
-    for _ in 0..60 {
-        if let Ok(stream) = TcpStream::connect(&gateway).await {
-            flood.push(stream);
+    for target in [&gateway, &admin] {
+        for _ in 0..60 {
+            if let Ok(stream) = TcpStream::connect(target).await {
+                flood.push(stream);
+            }
         }
     }
     let cpu_before = cpu_seconds(pid);
@@ -280,6 +284,10 @@ async fn an_fd_exhausted_gateway_backs_off_and_serves_again() {
         },
     )
     .await;
+    let (code, _) = http_get(&admin, "/live")
+        .await
+        .expect("the admin port answers");
+    assert_eq!(code, 200);
 }
 
 /// Sends one raw HTTP/2 request and returns (HTTP status, grpc-status).

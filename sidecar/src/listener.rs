@@ -12,6 +12,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use minimesh_spiffe::SpiffeId;
+use minimesh_telemetry::listen::{AcceptBackoff, Throttled};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -27,10 +28,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How long a connection told to close may take to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// At most one log line per this long about a failing or full listener.
-const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Limits of one listener.
 #[derive(Debug, Clone, Copy, clap::Args)]
@@ -165,29 +162,6 @@ pub struct Connection {
     _permit: OwnedSemaphorePermit,
 }
 
-/// A log line at most every [`LOG_EVERY`], with how many were held back.
-#[derive(Debug, Default)]
-struct Throttled {
-    last: Option<Instant>,
-    held: u64,
-}
-
-impl Throttled {
-    fn warn(&mut self, what: &str, err: &dyn std::fmt::Display) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|at| now.duration_since(at) < LOG_EVERY)
-        {
-            self.held += 1;
-            return;
-        }
-        tracing::warn!(listener = what, %err, suppressed = self.held, "accept failed; backing off");
-        self.last = Some(now);
-        self.held = 0;
-    }
-}
-
 /// How a listener's connections begin.
 pub enum Handshake {
     /// h2c: the outbound listener and the gateway's edge.
@@ -293,8 +267,7 @@ async fn accept_loop<F, Fut>(
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let tasks = TaskTracker::new();
-    let mut backoff = ACCEPT_BACKOFF_FIRST;
-    let mut failures = Throttled::default();
+    let mut backoff = AcceptBackoff::new(what);
     let mut full = Throttled::default();
     loop {
         let permit = match slots.clone().try_acquire_owned() {
@@ -316,18 +289,14 @@ async fn accept_loop<F, Fut>(
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
-                    backoff = ACCEPT_BACKOFF_FIRST;
+                    backoff.accepted();
                     tcp
                 }
                 Err(err) => {
-                    // Out of file descriptors and the like: retrying at once
-                    // would spin; wait, and say so at a bounded rate.
-                    failures.warn(what, &err);
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.failed(&err)) => {}
                         _ = stop.changed() => break,
                     }
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },

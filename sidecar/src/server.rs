@@ -99,6 +99,17 @@ fn app_is_not_own_listener(app: SocketAddr, args: &SidecarArgs) -> Result<(), Si
     Ok(())
 }
 
+/// Serves `/live`, `/metrics` and `/ready` (answered by `ready`) on `listener`.
+fn spawn_admin(
+    listener: TcpListener,
+    metrics: &Arc<Metrics>,
+    ready: ReadyCheck,
+) -> tokio::task::JoinHandle<()> {
+    let metrics = metrics.clone();
+    let admin = Admin::new(move |format| metrics.render(format)).with_ready(ready);
+    tokio::spawn(admin.serve(listener))
+}
+
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, SidecarError> {
     let listener = minimesh_telemetry::listen::bind(addr)
         .await
@@ -175,11 +186,7 @@ pub async fn run_sidecar(
             Box::pin(async move { crate::app_health::serving(&url).await })
         })
     };
-    let admin = {
-        let metrics = metrics.clone();
-        let admin = Admin::new(move |format| metrics.render(format)).with_ready(ready);
-        tokio::spawn(admin.serve(admin_listener))
-    };
+    let admin = spawn_admin(admin_listener, &metrics, ready);
 
     let stalls = StallWatch::start(args.limits.stall_timeout, metrics.stalls_cancelled());
     let inbound = Arc::new(InboundState {
@@ -295,11 +302,7 @@ pub async fn run_gateway(
             })
         })
     };
-    let admin = {
-        let metrics = metrics.clone();
-        let admin = Admin::new(move |format| metrics.render(format)).with_ready(ready);
-        tokio::spawn(admin.serve(admin_listener))
-    };
+    let admin = spawn_admin(admin_listener, &metrics, ready);
     let (stop_tx, stop_rx) = watch::channel(false);
     let edge = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {

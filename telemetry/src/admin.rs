@@ -4,6 +4,7 @@
 //! probes and Prometheus speak it and carry no mesh certificate.
 
 use crate::exposition::Format;
+use crate::listen::AcceptBackoff;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -57,20 +58,17 @@ impl Admin {
                 let format = Format::negotiate(request.headers().get(http::header::ACCEPT));
                 text(StatusCode::OK, format.content_type(), (self.render)(format))
             }
-            (&Method::GET, "/ready") if self.ready.is_some() => {
-                let ready = self.ready.as_ref().map(|check| check());
-                match ready {
-                    Some(check) => match check.await {
-                        Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
-                        Err(why) => text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "text/plain",
-                            format!("not ready: {why}\n"),
-                        ),
-                    },
-                    None => self.not_found(),
-                }
-            }
+            (&Method::GET, "/ready") => match &self.ready {
+                Some(check) => match check().await {
+                    Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
+                    Err(why) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready: {why}\n"),
+                    ),
+                },
+                None => self.not_found(),
+            },
             _ => self.not_found(),
         }
     }
@@ -91,13 +89,15 @@ impl Admin {
     /// Serves on `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
         let admin = Arc::new(self);
+        let mut backoff = AcceptBackoff::new("admin");
         loop {
             let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    backoff.accepted();
+                    stream
+                }
                 Err(err) => {
-                    // EMFILE and the like: back off rather than spin.
-                    tracing::warn!(%err, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(backoff.failed(&err)).await;
                     continue;
                 }
             };

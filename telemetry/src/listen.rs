@@ -8,7 +8,9 @@
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 /// Comma-separated addresses of the inherited sockets, in fd order.
 pub const LISTEN_ADDRS_ENV: &str = "MINIMESH_LISTEN_ADDRS";
@@ -55,4 +57,84 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
         return TcpListener::from_std(listener);
     }
     TcpListener::bind(addr).await
+}
+
+/// At most one log line per this long about a failing or full listener.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A warning about listener `what`, logged at most every 5 s with how many
+/// were held back, so a listener under attack cannot flood the log.
+#[derive(Debug, Default)]
+pub struct Throttled {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttled {
+    /// Logs `err` unless a line went out less than 5 s ago.
+    pub fn warn(&mut self, what: &str, err: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < LOG_EVERY)
+        {
+            self.held += 1;
+            return;
+        }
+        tracing::warn!(listener = what, %err, suppressed = self.held, "accept failed; backing off");
+        self.last = Some(now);
+        self.held = 0;
+    }
+}
+
+/// Failed accepts of one listener (out of file descriptors and the like):
+/// retrying at once would spin, so each failure says how long to wait,
+/// doubling from 5 ms to 1 s until an accept succeeds, and warns at a
+/// bounded rate.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    what: &'static str,
+    next: Duration,
+    warnings: Throttled,
+}
+
+impl AcceptBackoff {
+    /// For the listener named `what` (`inbound`, `admin`, …).
+    pub fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            next: ACCEPT_BACKOFF_FIRST,
+            warnings: Throttled::default(),
+        }
+    }
+
+    /// An accept succeeded: the next failure waits the shortest time again.
+    pub fn accepted(&mut self) {
+        self.next = ACCEPT_BACKOFF_FIRST;
+    }
+
+    /// An accept failed with `err`: how long to wait before the next.
+    pub fn failed(&mut self, err: &dyn std::fmt::Display) -> Duration {
+        self.warnings.warn(self.what, err);
+        let wait = self.next;
+        self.next = (self.next * 2).min(ACCEPT_BACKOFF_MAX);
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_accepts_wait_longer_each_time_up_to_a_second_and_start_over_after_one_succeeds() {
+        let mut backoff = AcceptBackoff::new("test");
+        let err = std::io::Error::from_raw_os_error(24);
+        let waits: Vec<u128> = (0..10).map(|_| backoff.failed(&err).as_millis()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        backoff.accepted();
+        assert_eq!(backoff.failed(&err), Duration::from_millis(5));
+    }
 }
